@@ -1,0 +1,168 @@
+"""`auto`: choose the allreduce algorithm by message size from measured crossovers.
+
+The table comes from `hpcdl bench allreduce --save-crossovers PATH`, which
+records, for the world size it ran at, the fastest algorithm at each
+measured size and puts the switch points halfway (geometrically) between
+neighbouring sizes with different winners. Tables for several world sizes
+merge into one file. Without a file, `DEFAULT_TABLE` (measured on the
+2-core development host, see its `source`) is used: rerun the benchmark on
+the target machine, because crossovers depend on the network and on p.
+
+Format::
+
+    {"format": "hpcdl-crossovers/1", "source": "...",
+     "by_ranks": {"2": [{"up_to_bytes": 65536, "algorithm": "recursive_doubling"},
+                        {"up_to_bytes": null,  "algorithm": "ring"}]}}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from hpcdl.comm.base import Communicator
+from hpcdl.errors import ConfigError
+
+FORMAT = "hpcdl-crossovers/1"
+CROSSOVERS_ENV = "HPCDL_CROSSOVERS"
+
+# From `mpiexec -n P python -m hpcdl.bench.allreduce --no-resnet --save-crossovers ...` on
+# the 2-core development host (shared memory, MPICH 5.0, float32), rounded by hand:
+# P=2 (15 repeats): the saved rules were native <= 8 KiB, recursive doubling <= 512 KiB,
+# Rabenseifner <= 80 MiB, ring above; at P=2 Rabenseifner and the ring send the same
+# messages and timed within 5 % of each other from 1 MiB up, so one name covers both.
+# P=3 ran oversubscribed (3 ranks, 2 cores): below 16 MiB its timings are scheduler noise,
+# so only its large-message crossover (ring from 16 MiB, 0.25x native at 100 MiB) is kept.
+DEFAULT_TABLE = {
+    "format": FORMAT,
+    "source": "shipped default: 2-core shared-memory dev host, MPICH 5.0, float32 (see hpcdl/comm/auto.py)",
+    "by_ranks": {
+        "2": [
+            {"up_to_bytes": 8192, "algorithm": "native"},
+            {"up_to_bytes": 524288, "algorithm": "recursive_doubling"},
+            {"up_to_bytes": None, "algorithm": "ring"},
+        ],
+        "3": [
+            {"up_to_bytes": 8388608, "algorithm": "native"},
+            {"up_to_bytes": None, "algorithm": "ring"},
+        ],
+    },
+}
+
+
+def _validate(table: dict, where: str) -> dict:
+    from hpcdl.comm import ALGORITHMS
+
+    if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("by_ranks"), dict):
+        raise ConfigError(f"{where}: not a crossover table (expected format {FORMAT!r} with a 'by_ranks' object)")
+    for p, rows in table["by_ranks"].items():
+        if not str(p).isdigit() or not isinstance(rows, list) or not rows:
+            raise ConfigError(f"{where}: by_ranks[{p!r}] must map a world size to a non-empty list of rules")
+        for row in rows:
+            name = row.get("algorithm") if isinstance(row, dict) else None
+            if name not in ALGORITHMS or name == "auto":
+                raise ConfigError(f"{where}: by_ranks[{p!r}] names unknown algorithm {name!r}")
+        if rows[-1].get("up_to_bytes") is not None:
+            raise ConfigError(f"{where}: by_ranks[{p!r}] must end with an 'up_to_bytes': null rule")
+    return table
+
+
+def load_table(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"comm.crossovers: file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"comm.crossovers: cannot read {path}: {exc}") from None
+    return _validate(table, str(path))
+
+
+def rules_from_timings(median_s: dict[int, dict[str, float]], margin: float = 0.05) -> list[dict]:
+    """Rules for one world size from {nbytes: {algorithm: median seconds}}.
+
+    The algorithm chosen for the previous size is kept unless another one is
+    faster by more than `margin`: noisy ties must not produce a table that
+    flips back and forth between sizes.
+    """
+    sizes = sorted(median_s)
+    winners = []
+    for n in sizes:
+        times = median_s[n]
+        best = min(times, key=times.get)
+        keep = winners[-1] if winners else None
+        winners.append(keep if keep in times and times[best] >= times[keep] * (1 - margin) else best)
+    rules = []
+    for i, (n, name) in enumerate(zip(sizes, winners)):
+        if i + 1 < len(sizes) and winners[i + 1] != name:
+            rules.append({"up_to_bytes": int(math.sqrt(n * sizes[i + 1])), "algorithm": name})
+    rules.append({"up_to_bytes": None, "algorithm": winners[-1] if winners else "ring"})
+    return rules
+
+
+def save_rules(path: str | os.PathLike, world_size: int, rules: list[dict], source: str) -> dict:
+    """Write (or merge into) a crossover file; other world sizes already in it are kept."""
+    path = Path(path)
+    table = load_table(path) if path.exists() else {"format": FORMAT, "source": source, "by_ranks": {}}
+    table["by_ranks"][str(world_size)] = rules
+    table["source"] = source
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+    return table
+
+
+def rules_for(table: dict, world_size: int) -> tuple[int, list[dict]]:
+    """The rules measured at `world_size`, else at the nearest smaller one, else the smallest."""
+    measured = sorted(int(p) for p in table["by_ranks"])
+    below = [p for p in measured if p <= world_size]
+    chosen = below[-1] if below else measured[0]
+    return chosen, table["by_ranks"][str(chosen)]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
+
+
+class AutoCommunicator(Communicator):
+    """Dispatches each allreduce to the algorithm its size calls for."""
+
+    name = "auto"
+
+    def __init__(self, mpi_comm=None, crossovers: str | os.PathLike | dict | None = None, **options):
+        super().__init__(mpi_comm)
+        from hpcdl.comm import create
+
+        crossovers = crossovers or os.environ.get(CROSSOVERS_ENV) or None
+        if crossovers is None:
+            self.table = DEFAULT_TABLE
+        elif isinstance(crossovers, dict):
+            self.table = _validate(crossovers, "crossover table")
+        else:
+            self.table = load_table(crossovers)
+        self.table_ranks, self.rules = rules_for(self.table, self.size)
+        names = sorted({rule["algorithm"] for rule in self.rules})
+        self.algorithms = {name: create(name, self.mpi_comm, **options) for name in names}
+
+    def choose(self, nbytes: int) -> str:
+        for rule in self.rules:
+            if rule["up_to_bytes"] is None or nbytes <= rule["up_to_bytes"]:
+                return rule["algorithm"]
+        raise AssertionError("validated tables end with an open rule")
+
+    def _start_checked(self, buf, op, tag, blocking):
+        return self.algorithms[self.choose(buf.nbytes)]._start_checked(buf, op, tag, blocking)
+
+    def describe(self) -> str:
+        lines = [f"auto: {self.size} ranks, rules measured at P={self.table_ranks} ({self.table.get('source', '?')})"]
+        low = 0
+        for rule in self.rules:
+            high = rule["up_to_bytes"]
+            span = f"{_fmt_bytes(low)} .. {_fmt_bytes(high)}" if high is not None else f"> {_fmt_bytes(low)}"
+            lines.append(f"  {span:>24}  {rule['algorithm']}")
+            low = high if high is not None else low
+        return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""BucketReducer against a NumPy sum over ranks and micro-batches.
+
+    mpiexec -n 3 python tests/mpi_scripts/comm_buckets.py
+
+A model of many small leaves (plus a parameter owned by a container, which
+never gets a gradient-ready hook) adds integer-valued gradients, distinct
+per rank, micro-batch and element, in a real `Sequential.backward`, so the
+hooks fire exactly as in training. Cases: every algorithm, overlap on and
+off, hook-driven and finish-only, one and three micro-batches (accumulation
+with begin(sync=False)), op sum and mean, two steps in a row. Rank 0 prints
+{"cases": N, "failures": [...]}; exit status 1 on failure.
+"""
+import hashlib
+import json
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import hpcdl.comm
+from hpcdl.arena import Arena, Param
+from hpcdl.comm.buckets import BucketReducer
+from hpcdl.layers.base import Module, Sequential, zeros
+
+
+def pattern(shape, rank, micro, step, salt):
+    i = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+    return (((i * 37 + rank * 1009 + micro * 113 + step * 7 + salt * 53) % 511) - 255).astype(np.float64)
+
+
+class Leaf(Module):
+    """Adds a known gradient to each of its parameters during backward."""
+
+    def __init__(self, salt, weight_shape, with_bias=True):
+        self.salt = salt
+        self.weight = Param(weight_shape, zeros)
+        if with_bias:
+            self.bias = Param((weight_shape[0],), zeros, flags=("bias",))
+        self.context = None  # (rank, micro, step), set by the driver
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy):
+        rank, micro, step = self.context
+        for k, (_, p) in enumerate(self.own_params()):
+            p.grad += pattern(p.shape, rank, micro, step, self.salt * 3 + k)
+        return dy
+
+
+class Block(Sequential):
+    """A container that also owns a parameter (reported by nobody: finish() must cover it)."""
+
+    def __init__(self, salt, *layers):
+        super().__init__(*layers)
+        self.scale = Param((5,), zeros)
+        self.salt = salt
+
+
+def build_model():
+    leaves = [Leaf(i, shape) for i, shape in enumerate([(17, 3), (64,), (33, 33), (1,), (200, 7), (3, 3, 3, 3), (129,)])]
+    inner = Block(100, Leaf(101, (40, 5)), Leaf(102, (2,), with_bias=False))
+    model = Sequential(leaves[0], leaves[1], inner, *leaves[2:])
+    return model, [m for m in model.modules() if isinstance(m, Leaf)]
+
+
+def run_step(model, leaves, arena, reducer, rank, step, micro_batches, hooked):
+    arena.zero_grads()
+    for micro in range(micro_batches):
+        reducer.begin(sync=micro == micro_batches - 1)
+        for leaf in leaves:
+            leaf.context = (rank, micro, step)
+        if hooked:
+            model.backward(np.zeros(1))
+        else:
+            for leaf in leaves:  # same gradients, no hooks: finish() has to do everything
+                leaf.backward(np.zeros(1))
+        block = model.layers[2]
+        block.scale.grad += pattern(block.scale.shape, rank, micro, step, block.salt)
+    return reducer.finish()
+
+
+def expected_grads(p, step, micro_batches, dtype):
+    model, leaves = build_model()
+    params = [q for _, q in model.named_parameters()]
+    arena = Arena(params, dtype=np.float64)
+    for r in range(p):
+        for micro in range(micro_batches):
+            for leaf in leaves:
+                leaf.context = (r, micro, step)
+                leaf.backward(None)
+            block = model.layers[2]
+            block.scale.grad += pattern(block.scale.shape, r, micro, step, block.salt)
+    return arena.grads.astype(dtype)
+
+
+def main() -> int:
+    world = MPI.COMM_WORLD
+    p, rank = world.Get_size(), world.Get_rank()
+    failures, cases = [], 0
+    for name in ("ring", "native", "recursive_doubling", "rabenseifner", "hierarchical", "auto"):
+        comm = hpcdl.comm.create(name, ranks_per_node=2)
+        for dtype in (np.float32, np.float64):
+            for op in ("sum", "mean"):
+                for overlap in (True, False):
+                    for hooked in (True, False):
+                        for micro_batches in (1, 3):
+                            model, leaves = build_model()
+                            arena = Arena([q for _, q in model.named_parameters()], dtype=dtype)
+                            reducer = BucketReducer(comm, arena, bucket_bytes=600, overlap=overlap, op=op).attach(model)
+                            label = f"{name} {np.dtype(dtype).name} {op} overlap={overlap} hooked={hooked} micro={micro_batches}"
+                            if len(reducer.buckets) < 4:
+                                failures.append(f"{label}: only {len(reducer.buckets)} buckets; the test wants several")
+                            for step in range(2):
+                                cases += 1
+                                stats = run_step(model, leaves, arena, reducer, rank, step, micro_batches, hooked)
+                                want = expected_grads(p, step, micro_batches, dtype)
+                                if op == "mean":
+                                    want = want / dtype(p)
+                                got = arena.grads
+                                digests = world.allgather(hashlib.sha1(got.tobytes()).hexdigest())
+                                if not np.array_equal(got, want):
+                                    bad = int(np.flatnonzero(got != want)[0])
+                                    failures.append(f"{label} step {step}: rank {rank} element {bad} is {got[bad]}, want {want[bad]}")
+                                elif len(set(digests)) != 1:
+                                    failures.append(f"{label} step {step}: ranks differ bitwise")
+                                started = stats["started_in_backward"]
+                                if p > 1 and overlap and hooked and started < len(reducer.buckets) - 2:
+                                    failures.append(f"{label}: only {started} of {len(reducer.buckets)} buckets started in backward")
+                                if (not overlap or not hooked) and started:
+                                    failures.append(f"{label}: {started} buckets started in backward without overlap or hooks")
+                                if stats["buckets"] != len(reducer.buckets) or stats["bytes"] != arena.total * arena.dtype.itemsize:
+                                    failures.append(f"{label}: stats {stats}")
+
+        # A gradient reported again after its bucket started would be reduced half-finished: refuse.
+        if p > 1:
+            cases += 1
+            model, leaves = build_model()
+            arena = Arena([q for _, q in model.named_parameters()])
+            reducer = BucketReducer(comm, arena, bucket_bytes=1, overlap=True).attach(model)
+            reducer.begin(True)
+            last = leaves[-1]
+            reducer.on_grads_ready([q for _, q in last.own_params()])
+            try:
+                reducer.on_grads_ready([q for _, q in last.own_params()])
+                failures.append(f"{name}: a second report after the bucket started was accepted")
+            except RuntimeError:
+                pass
+            reducer.finish()
+    gathered = world.gather(failures)
+    if rank == 0:
+        everything = [f for fs in gathered for f in fs]
+        print(json.dumps({"cases": cases, "world": p, "failures": everything[:50], "failure_count": len(everything)}))
+        ok = not everything
+    else:
+        ok = None
+    return 0 if world.bcast(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
