@@ -1,0 +1,51 @@
+"""Embedding tables: token lookup and learned positions."""
+from __future__ import annotations
+
+from hpcdl.arena import Initializer, Param
+from hpcdl.backend import array_module
+from hpcdl.layers.base import Module, normal
+
+
+class Embedding(Module):
+    """Integer indices (any shape) -> rows of `weight` (num, dim). No input gradient (returns None).
+
+    Default init is N(0, 0.02^2), as in BERT and GPT-2.
+    """
+
+    def __init__(self, num: int, dim: int, weight_init: Initializer | None = None):
+        self.num, self.dim = int(num), int(dim)
+        self.weight = Param((num, dim), weight_init or normal(0.02))
+        self._indices = None
+
+    def forward(self, indices):
+        self._indices = indices if self.training else None
+        return self.weight.data[indices]
+
+    def backward(self, dy):
+        xp = array_module(dy)
+        flat = self._indices.reshape(-1)
+        self._indices = None
+        # Repeated indices must accumulate, which fancy-index += would not do.
+        xp.add.at(self.weight.grad, flat, dy.reshape(-1, self.dim))
+        return None
+
+    def __repr__(self):
+        return f"Embedding({self.num}, {self.dim})"
+
+
+class PositionalEmbedding(Module):
+    """(N, T, D) -> x + P[:T], with P a learned Embedding of positions 0..T-1."""
+
+    def __init__(self, num_positions: int, dim: int):
+        self.table = Embedding(num_positions, dim)
+
+    def forward(self, x):
+        xp = array_module(x)
+        tokens = x.shape[1]
+        if tokens > self.table.num:
+            raise ValueError(f"sequence of {tokens} tokens exceeds the {self.table.num} learned positions")
+        return x + self.table.forward(xp.arange(tokens))[None]
+
+    def backward(self, dy):
+        self._backward_child(self.table, dy.sum(axis=0))
+        return dy
