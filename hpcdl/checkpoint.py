@@ -46,10 +46,10 @@ from typing import Callable
 
 import numpy as np
 
+from hpcdl import faults
 from hpcdl.errors import ConfigError, DataError, UserError
 
 FORMAT_VERSION = 1
-FAULT_ENV = "HPCDL_FAULT_INJECT"
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _RESERVED_PREFIX = "hpcdl."
 # Lowest HDF5 format with checksummed object headers; highest readable by HDF5 1.10.
@@ -252,20 +252,13 @@ class _Writer:
 
 def _fault_hook_from_env() -> Callable | None:
     """The SIGKILL hook when HPCDL_FAULT_INJECT asks for it on this save."""
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, count = item.partition(":")
-        if name != "checkpoint-write":
-            continue
-        if count and not (count.isdigit() and int(count) >= 1):
-            raise ConfigError(f"{FAULT_ENV}={spec!r}: expected checkpoint-write or checkpoint-write:<n> with n >= 1")
-        if _saves_in_this_process == int(count or 1):
-            return _kill_self
+    if any(_saves_in_this_process == (n or 1) for n in faults.requested("checkpoint-write")):
+        return _kill_self
     return None
 
 
 def _kill_self(temp_path: Path) -> None:
-    os.write(2, f"hpcdl: {FAULT_ENV}: killing pid {os.getpid()} while writing {temp_path}\n".encode())
+    os.write(2, f"hpcdl: {faults.FAULT_ENV}: killing pid {os.getpid()} while writing {temp_path}\n".encode())
     os.kill(os.getpid(), signal.SIGKILL)
 
 

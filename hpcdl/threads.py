@@ -12,7 +12,9 @@ import os
 # Environment variables MPI launchers set on every rank; their presence means
 # we run under MPI with (possibly) several ranks per node.
 _WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+# NUMBA_NUM_THREADS is left alone: it caps Numba's pool for the whole process,
+# while numba.set_num_threads below only sets how much of it is used.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def launcher_world_size() -> int:

@@ -1,7 +1,17 @@
-"""Shared fixtures: tiny IDX and HDF5 datasets written into tmp_path (nothing is downloaded)."""
+"""Shared fixtures: tiny IDX and HDF5 datasets written into tmp_path (nothing is downloaded).
+
+The suite's arrays are tiny: BLAS threads only contend for the cores (with
+each other and with the mpiexec ranks the tests launch), so one thread per
+process, set before NumPy loads. Tests that need more set it themselves.
+"""
 from __future__ import annotations
 
-import numpy as np
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402  (after the thread settings on purpose)
 import pytest
 
 TINY_CLASSES = 4

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
-from hpcdl import checkpoint
+from hpcdl import checkpoint, faults
 from hpcdl.checkpoint import CheckpointManager, CheckpointPolicy, CheckpointWarning, StopSignals
 from hpcdl.errors import ConfigError, DataError
 
@@ -255,11 +255,14 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path)
 
 
 def test_fault_spec_is_validated_and_counts_saves(tmp_path, monkeypatch):
-    monkeypatch.setenv(checkpoint.FAULT_ENV, "checkpoint-write:zero")
+    monkeypatch.setenv(faults.FAULT_ENV, "checkpoint-write:zero")
     with pytest.raises(ConfigError, match="HPCDL_FAULT_INJECT='checkpoint-write:zero'"):
         checkpoint.save(tmp_path / "c.h5", {"a": np.ones(1)})
+    monkeypatch.setenv(faults.FAULT_ENV, "no-such-fault")
+    with pytest.raises(ConfigError, match="unknown fault 'no-such-fault'"):
+        checkpoint.save(tmp_path / "c.h5", {"a": np.ones(1)})
     # Other faults in the list and a later save number leave this save alone.
-    monkeypatch.setenv(checkpoint.FAULT_ENV, f"rank-crash,checkpoint-write:{checkpoint._saves_in_this_process + 5}")
+    monkeypatch.setenv(faults.FAULT_ENV, f"raise-at-step:3,checkpoint-write:{checkpoint._saves_in_this_process + 5}")
     checkpoint.save(tmp_path / "c.h5", {"a": np.ones(1)})
     assert checkpoint.load(tmp_path / "c.h5")["a"][0] == 1.0
 

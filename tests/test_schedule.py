@@ -103,7 +103,7 @@ def test_settings_object_with_keyword_overrides():
     (dict(base_lr=0.1, total_steps=10, scaling="linear", base_batch=0, global_batch=8), "schedule.base_batch"),
     (dict(base_lr=0.1, total_steps=10, warmup_steps=2, warmup_epochs=1, steps_per_epoch=2), "schedule.warmup_epochs"),
     (dict(base_lr=0.1, total_steps=10, warmup_epochs=1), "schedule.steps_per_epoch"),
-    (dict(base_lr=0.1, total_steps=10, warmup_steps=10, decay="poly"), "schedule.total_steps"),
+    (dict(base_lr=0.1, total_steps=10, warmup_steps=10, decay="poly"), "schedule.warmup_steps: 10 warmup steps leave no room"),
     (dict(base_lr=0.1, total_steps=10, warmup_steps=-1), "schedule.warmup_steps"),
     (dict(base_lr=0.1, total_steps=10, decay="step"), "schedule.milestones"),
     (dict(base_lr=0.1, total_steps=10, decay="step", milestones=[5, 3], milestone_unit="steps"),

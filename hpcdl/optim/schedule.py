@@ -200,7 +200,9 @@ def schedule_parameters(
     if warmup:
         warmup_text += f" from {_fmt(start)}"
     if decay in ("poly", "cosine") and warmup >= total_steps:
-        raise ConfigError(f"schedule.total_steps = {total_steps} leaves no room to decay after {warmup} warmup steps")
+        key = "warmup_epochs" if warmup_epochs is not None else "warmup_steps"
+        raise ConfigError(f"schedule.{key}: {warmup} warmup steps leave no room to decay within the run's "
+                          f"{total_steps} steps (train.epochs / train.max_steps); shorten the warmup")
 
     # Decay.
     power = _real("power", power, positive=True)

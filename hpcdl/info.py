@@ -1,0 +1,85 @@
+"""`hpcdl info`: what this machine and this install can do, in one screen.
+
+Everything here is read, never assumed: versions from the imported modules,
+the MPI library's own version string, CUDA-awareness as the MPI library
+reports it, the thread count this rank would use, and the crossover table
+`comm.algorithm = "auto"` would follow.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def collect() -> dict:
+    import numpy
+
+    from hpcdl import __version__, models
+    from hpcdl.threads import default_threads, launcher_world_size
+
+    info = {
+        "hpcdl": __version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "host": platform.node(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads_per_rank_default": default_threads(),
+        "launcher_world_size": launcher_world_size(),
+        "models": models.names(),
+    }
+    try:
+        import numba
+
+        info["numba"] = f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads available)"
+    except ImportError:
+        info["numba"] = "not installed (fused CPU kernels unavailable)"
+    try:
+        import h5py
+
+        info["h5py"] = f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"
+    except ImportError:
+        info["h5py"] = "not installed"
+    try:
+        from mpi4py import MPI
+
+        import mpi4py
+
+        info["mpi4py"] = mpi4py.__version__
+        info["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
+        info["mpi_world_size"] = MPI.COMM_WORLD.Get_size()
+        info["mpi_thread_level"] = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+                                    MPI.THREAD_SERIALIZED: "serialized",
+                                    MPI.THREAD_MULTIPLE: "multiple"}.get(MPI.Query_thread(), "?")
+        from hpcdl.comm import cuda_aware
+
+        aware = cuda_aware()
+        info["mpi_cuda_aware"] = {True: "yes", False: "no (CuPy buffers staged through pinned host memory)",
+                                  None: "unknown (library does not say; CuPy buffers staged through host)"}[aware]
+        from hpcdl.comm import create
+
+        info["allreduce_auto"] = create("auto").describe()
+    except ImportError:
+        info["mpi4py"] = "not installed"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(count)]
+        info["cupy"] = f"{cupy.__version__}, {count} device(s): {', '.join(names) or '-'}"
+    except ImportError:
+        info["cupy"] = "not installed (pip install 'hpcdl[gpu]')"
+    except Exception as exc:  # CuPy present but no driver/device
+        info["cupy"] = f"installed, no usable device ({type(exc).__name__}: {exc})"
+    info["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    return info
+
+
+def format_info(info: dict) -> str:
+    width = max(len(k) for k in info)
+    lines = []
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(map(str, value))
+        text = str(value).replace("\n", "\n" + " " * (width + 2))
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)

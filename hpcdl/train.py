@@ -1,0 +1,472 @@
+"""One training run, read top to bottom.
+
+    batch shard → model.forward → loss → model.backward → gradient arena
+      → communicator (bucketed allreduce, overlapped with backward)
+      → fused optimizer kernel → parameter arena
+
+`_setup()` builds the pieces (world, data, model + arena, reducer, optimizer,
+schedule, guards, checkpoints) into a `Run`; `_train()` is the loop around
+`_train_step()`, which is the whole step.
+
+Invariants the step relies on:
+
+* Every rank holds bit-identical parameters: same seed, same initialisation,
+  checked by a start-up hash, and every allreduce algorithm returns the same
+  bits on every rank.
+* The loss of each micro-batch is summed over its samples and divided by the
+  *global* batch size, so the allreduce *sum* of the gradients is the exact
+  global mean, whatever the rank count and accumulation: a run on P ranks
+  follows the run on 1 rank to rounding.
+* Decisions that must be collective (stop on a signal, checkpoint by the
+  clock, skip a non-finite step) come from values every rank shares: the
+  per-step stats allreduce or the allreduced gradient.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hpcdl import backend, checkpoint, comm, faults, guard, models, optim
+from hpcdl.arena import Arena
+from hpcdl.config import Config
+from hpcdl.data.augment import Augmenter
+from hpcdl.data.dataset import load_dataset
+from hpcdl.data.loader import BatchLoader, eval_batches
+from hpcdl.data.sampler import ShardedSampler
+from hpcdl.errors import ConfigError, DataError, UserError
+from hpcdl.layers import attach_sync_batchnorm, count_correct, softmax_cross_entropy
+from hpcdl.metrics import MetricsLog, PhaseTimer, Progress, plot_layer_stats, plot_run
+
+# Positions in the small per-step stats vector that rides one allreduce.
+LOSS, CORRECT, SAMPLES, STOP_VOTE, CHECKPOINT_VOTE = range(5)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, set up once by `_setup`."""
+
+    config: Config
+    world: object  # hpcdl.comm Communicator
+    data: object  # hpcdl.data.Dataset
+    loader: BatchLoader
+    model: object  # hpcdl.layers.Module
+    arena: Arena
+    reducer: object  # hpcdl.comm.BucketReducer
+    optimizer: object  # hpcdl.optim.Optimizer
+    schedule: object  # hpcdl.optim.Schedule
+    checkpoints: checkpoint.CheckpointManager
+    checkpoint_clock: checkpoint.CheckpointPolicy
+    stop_signals: checkpoint.StopSignals
+    watchdog: object | None  # hpcdl.guard.StallWatchdog
+    out_dir: Path
+    steps_per_epoch: int
+    total_steps: int
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    injected: dict = field(default_factory=dict)  # HPCDL_FAULT_INJECT steps, for the test suite
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.watchdog is not None:
+            self.watchdog.close()
+        self.stop_signals.restore()
+
+
+def run(config: Config, out: str | None = None, resume: str | None = None,
+        config_path: str | None = None, threads: int | None = None) -> dict | None:
+    """Train as the config says; returns the summary on rank 0 and None elsewhere."""
+    started = time.perf_counter()
+    out_dir = Path(out or Path("runs") / (Path(config_path).stem if config_path else config.model.name))
+    r = _setup(config, out_dir)
+    try:
+        return _train(r, started, resume, threads)
+    finally:
+        r.close()
+
+
+def _setup(config: Config, out_dir: Path) -> Run:
+    # -- world: communicator, device, guards ----------------------------------------------
+    world = comm.create(config.comm.algorithm, crossovers=config.comm.crossovers or None,
+                        ranks_per_node=config.comm.ranks_per_node or None)
+    xp = backend.use_device(config.runtime.device, local_rank=_local_rank(world))
+    watchdog = guard.StallWatchdog(world.mpi_comm, timeout_s=config.comm.stall_timeout_s) \
+        if world.size > 1 and config.comm.stall_timeout_s > 0 else None
+
+    # -- data: the same permutation on every rank, each rank its slice of each global batch ---------
+    data = load_dataset(config.data.dataset, path=config.data.path or None, data_dir=config.data.data_dir or None,
+                        download=config.data.download, synthetic_size=config.data.synthetic_samples,
+                        synthetic_shape=tuple(config.data.synthetic_shape), seed=config.train.seed)
+    train_cfg = config.train
+    sampler = ShardedSampler(len(data.train_labels), train_cfg.global_batch, world.rank, world.size, train_cfg.seed,
+                             accumulate_steps=train_cfg.accumulate_steps)
+    augmenter = Augmenter(mean=data.mean, std=data.std, pad=config.data.random_crop_pad,
+                          flip=config.data.random_flip, seed=train_cfg.seed)
+    loader = BatchLoader(data.train_images, data.train_labels, sampler, augmenter, xp=xp)
+
+    # -- model and its arena: every parameter and gradient is a view into two flat buffers --------
+    model_options = dict(config.model.options)
+    if config.comm.sync_batchnorm:
+        model_options.setdefault("sync_bn", True)
+    model = models.build(config.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
+                         **model_options)
+    arena = Arena(model.parameters(), xp=xp, seed=train_cfg.seed)
+    if config.comm.sync_batchnorm and not attach_sync_batchnorm(model, lambda v: world.allreduce(v, op="sum")):
+        raise _collective(ConfigError(f"comm.sync_batchnorm: model {config.model.name!r} has no batch norm "
+                                      "layer to synchronise"))
+    guard.check_consistency(world.mpi_comm, {
+        "model": arena.signature(),
+        "config": config.to_json(),
+        "dataset": f"{len(data.train_labels)}:{data.input_shape}:{data.num_classes}",
+        "hpcdl": _version(),
+    })
+    world.bcast(arena.params, root=0)  # identical already by seed; this makes it a fact
+
+    # -- gradient path: buckets reduced during backward, then one fused optimizer pass -----------
+    reducer = comm.BucketReducer(world, arena, bucket_bytes=int(config.comm.bucket_mb * 2**20),
+                                 overlap=config.comm.overlap, op="sum")
+    reducer.attach(model)
+    optimizer = optim.create(config.optim.name, arena, **_optimizer_options(config))
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = train_cfg.max_steps or max(1, math.ceil(train_cfg.epochs * steps_per_epoch))
+    schedule = optim.build_schedule(config.schedule, global_batch=train_cfg.global_batch,
+                                    steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+    return Run(
+        config=config, world=world, data=data, loader=loader, model=model, arena=arena, reducer=reducer,
+        optimizer=optimizer, schedule=schedule,
+        checkpoints=checkpoint.CheckpointManager(out_dir / "checkpoints", keep=config.checkpoint.keep,
+                                                 rank=world.rank),
+        checkpoint_clock=checkpoint.CheckpointPolicy(every_steps=config.checkpoint.every_steps,
+                                                     every_minutes=config.checkpoint.every_minutes),
+        stop_signals=checkpoint.StopSignals(), watchdog=watchdog, out_dir=out_dir,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        injected={"raise": set(faults.requested("raise-at-step")),
+                  "nan": set(faults.requested("nan-grad-at-step"))},
+    )
+
+
+def _train(r: Run, started: float, resume: str | None, threads: int | None) -> dict | None:
+    config, train_cfg = r.config, r.config.train
+    start_step, skipped_total = 0, 0
+    resume_path = _resolve_resume(resume, r)
+    if resume_path is not None:
+        start_step, skipped_total = _restore(r, resume_path)
+    elif r.rank == 0 and r.checkpoints.latest(quiet=True) is not None:
+        raise ConfigError(f"{r.out_dir}: holds checkpoints of an earlier run; pass --resume auto to continue it "
+                          "or choose another --out")
+
+    log = MetricsLog(r.out_dir / "metrics.jsonl" if r.rank == 0 else None, truncate=resume_path is None)
+    progress = Progress(r.total_steps, enabled=r.rank == 0 and config.log.progress)
+    if r.rank == 0:
+        progress.message(_banner(r, threads, resume_path))
+        log.write("start", world_size=r.world.size, global_batch=train_cfg.global_batch,
+                  steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps, start_step=start_step,
+                  algorithm=r.world.name, threads=threads, parameters=r.arena.num_parameters,
+                  schedule=r.schedule.describe(), config=config.to_dict())
+
+    eval_every = round(train_cfg.eval_every_epochs * r.steps_per_epoch) if train_cfg.eval_every_epochs else 0
+    consecutive_skips, window_images, window_start = 0, 0, time.perf_counter()
+    last_loss, last_eval = float("nan"), None
+    step = start_step
+    while step < r.total_steps:
+        lr = r.schedule(step)
+        stats, applied = _train_step(r, step, lr)
+        step += 1
+        last_loss = stats[LOSS]
+        window_images += int(stats[SAMPLES])
+        if applied:
+            consecutive_skips = 0
+        else:  # the gradient norm comes from the allreduced gradient: every rank skips together
+            consecutive_skips += 1
+            skipped_total += 1
+            progress.message(f"hpcdl: warning: step {step}: non-finite gradient norm, update skipped "
+                             f"({consecutive_skips} in a row, {skipped_total} in total)")
+            log.write("skip", step=step, consecutive=consecutive_skips, total=skipped_total)
+            if consecutive_skips >= train_cfg.max_nonfinite_steps:
+                raise _collective(UserError(
+                    f"train.max_nonfinite_steps: {consecutive_skips} consecutive steps had non-finite gradients "
+                    f"(up to step {step}); lower schedule.base_lr or check the data; the last checkpoint is kept "
+                    f"in {r.checkpoints.directory}"))
+
+        if step % config.log.every_steps == 0 or step == r.total_steps:
+            seconds = time.perf_counter() - window_start
+            images_per_s = window_images / max(seconds, 1e-9)
+            log.write("step", step=step, epoch=round(step / r.steps_per_epoch, 4), loss=last_loss,
+                      train_accuracy=stats[CORRECT] / max(stats[SAMPLES], 1), lr=lr, images_per_s=images_per_s,
+                      seconds={k: round(v, 4) for k, v in r.timer.drain().items()}, comm=r.reducer.stats)
+            progress.update(step, loss=last_loss, lr=lr, img_s=images_per_s)
+            window_images, window_start = 0, time.perf_counter()
+        if config.log.layer_stats_every and step % config.log.layer_stats_every == 0:
+            _log_layer_stats(log, step, r)
+
+        if (eval_every and step % eval_every == 0) or step == r.total_steps:
+            last_eval = evaluate(r)
+            log.write("eval", step=step, epoch=round(step / r.steps_per_epoch, 4), **last_eval)
+            progress.message(f"step {step} epoch {step / r.steps_per_epoch:.2f}: test accuracy "
+                             f"{100 * last_eval['test_accuracy']:.2f}%  test loss {last_eval['test_loss']:.4f}")
+        elif step % r.steps_per_epoch == 0:
+            log.write("epoch", step=step, epoch=step // r.steps_per_epoch)
+
+        stop = stats[STOP_VOTE] > 0  # a signal on any rank stops all of them at the same step
+        if stats[CHECKPOINT_VOTE] > 0 or stop or (step == r.total_steps and config.checkpoint.at_end):
+            _save(r, step, skipped_total)
+        if stop:
+            progress.message(f"hpcdl: {r.stop_signals.signal_name or 'stop signal'} received: checkpoint written "
+                             f"at step {step}; resume with --resume auto")
+            log.write("stopped", step=step, reason=r.stop_signals.signal_name)
+            break
+
+    # -- the end --------------------------------------------------------------------------------
+    if last_eval is None:
+        last_eval = evaluate(r)
+    seconds = time.perf_counter() - started
+    param_norm = float(np.linalg.norm(backend.to_host(r.arena.params).astype(np.float64)))
+    progress.close()
+    if r.rank != 0:
+        return None
+    summary = {
+        "test_accuracy": last_eval["test_accuracy"],
+        "test_loss": last_eval["test_loss"],
+        "final_loss": last_loss,
+        "param_norm": param_norm,
+        "epochs": round(step / r.steps_per_epoch, 4),
+        "steps": step,
+        "global_batch": train_cfg.global_batch,
+        "world_size": r.world.size,
+        "seconds": round(seconds, 3),
+        "images_per_s": round((step - start_step) * train_cfg.global_batch / seconds, 1),
+        "skipped_steps": skipped_total,
+        "stopped_early": step < r.total_steps,
+        "out": str(r.out_dir),
+    }
+    log.write("summary", **summary)
+    log.close()
+    if config.log.plots:
+        plot_run(r.out_dir / "metrics.jsonl", r.out_dir / "curves.png")
+        if config.log.layer_stats_every:
+            plot_layer_stats(r.out_dir / "metrics.jsonl", r.out_dir / "trust_ratios.png")
+    return summary
+
+
+def _train_step(r: Run, step: int, lr: float):
+    """One optimizer step. Returns (global stats vector, whether the update was applied)."""
+    if step + 1 in r.injected["raise"]:
+        raise RuntimeError(f"{faults.FAULT_ENV}: raise-at-step:{step + 1}")
+    rank_stats = np.zeros(5)
+    r.timer.switch("data")
+    _mark(r, step, "data")
+    batch = r.loader.next_step()
+    r.arena.zero_grads()
+    last = len(batch.micro_batches) - 1
+    for micro, (x, y) in enumerate(batch.micro_batches):
+        r.timer.switch("forward")
+        _mark(r, step, "forward")
+        logits = r.model.forward(x)
+        loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=r.config.train.label_smoothing,
+                                              normalizer=batch.global_count)
+        if step + 1 in r.injected["nan"]:
+            dlogits[...] = np.nan  # as if the loss had overflowed: NaN reaches every gradient
+        rank_stats[LOSS] += float(loss)
+        rank_stats[CORRECT] += int(count_correct(logits, y))
+        rank_stats[SAMPLES] += len(y)
+
+        r.timer.switch("backward")
+        _mark(r, step, "backward")
+        r.reducer.begin(sync=micro == last)  # buckets start during the last micro-batch's backward
+        r.model.backward(dlogits)
+
+    r.timer.switch("allreduce")
+    _mark(r, step, "allreduce")
+    rank_stats[STOP_VOTE] = float(r.stop_signals.requested)
+    rank_stats[CHECKPOINT_VOTE] = float(r.checkpoint_clock.local_vote(step + 1, time.monotonic()))
+    with _waiting(r, "gradient allreduce"):
+        r.reducer.finish()
+        r.world.allreduce(rank_stats, op="sum")
+
+    r.timer.switch("optimizer")
+    _mark(r, step, "optimizer")
+    applied = r.optimizer.step(lr)  # False when the allreduced gradient is not finite: nothing changed
+    r.timer.switch(None)
+    return rank_stats, applied
+
+
+def evaluate(r: Run) -> dict:
+    """Test loss and accuracy over the whole test split, each rank its shard."""
+    _average_buffers(r)
+    r.model.eval()
+    totals = np.zeros(3)
+    for x, y in eval_batches(r.data.test_images, r.data.test_labels, r.config.train.eval_batch, r.world.rank,
+                             r.world.size, r.data.mean, r.data.std, xp=r.arena.xp):
+        logits = r.model.forward(x)
+        loss, _ = softmax_cross_entropy(logits, y, normalizer=1)
+        totals += (float(loss), int(count_correct(logits, y)), len(y))
+    r.world.allreduce(totals, op="sum")
+    r.model.train()
+    return {"test_loss": totals[0] / max(totals[2], 1), "test_accuracy": totals[1] / max(totals[2], 1),
+            "test_samples": int(totals[2])}
+
+
+def _average_buffers(r: Run) -> None:
+    """Batch-norm running statistics differ per rank unless BN is synchronised: average them,
+    so evaluation and checkpoints see one model, the same on every rank."""
+    if r.world.size == 1:
+        return
+    for _, buffer in r.model.named_buffers():
+        host = np.ascontiguousarray(backend.to_host(buffer), dtype=np.float64).ravel()
+        r.world.allreduce(host, op="mean")
+        buffer[...] = backend.array_module(buffer).asarray(host.reshape(buffer.shape), dtype=buffer.dtype)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+def _segment_table(arena: Arena) -> str:
+    return "\n".join(f"{s.name} {s.shape} {s.offset}" for s in arena.segments)
+
+
+def _checkpoint_state(r: Run, step: int, skipped_total: int) -> dict:
+    return {
+        "format": "hpcdl-checkpoint/1",
+        "step": step,
+        "world_size": r.world.size,
+        "global_batch": r.config.train.global_batch,
+        "config": r.config.to_json(),
+        "params": backend.to_host(r.arena.params).copy(),
+        "segments": _segment_table(r.arena),
+        "buffers": {name: backend.to_host(b).copy() for name, b in r.model.named_buffers()},
+        "optimizer": {k: backend.to_host(v) if hasattr(v, "shape") else v
+                      for k, v in r.optimizer.state_dict().items()},
+        "sampler": r.loader.state_dict(),
+        "rng": {name: json.dumps(m.rng.bit_generator.state) for name, m in _modules_with_rng(r.model)},
+        "skipped_steps": skipped_total,
+    }
+
+
+def _save(r: Run, step: int, skipped_total: int) -> None:
+    _average_buffers(r)
+    if r.rank == 0:
+        r.checkpoints.save(step, _checkpoint_state(r, step, skipped_total))
+    r.world.barrier()  # nobody races ahead of a checkpoint that a restart will depend on
+
+
+def _resolve_resume(resume: str | None, r: Run) -> Path | None:
+    """Rank 0 picks the checkpoint and tells the others, so all ranks load the same file."""
+    if not resume:
+        return None
+    choice = error = None
+    if r.rank == 0:
+        try:
+            choice = r.checkpoints.resolve(resume)
+        except UserError as exc:
+            error = str(exc)
+    choice, error = r.world.mpi_comm.bcast((str(choice) if choice else None, error), root=0)
+    if error:
+        raise _collective(DataError(error))
+    return Path(choice) if choice else None
+
+
+def _restore(r: Run, path: Path) -> tuple[int, int]:
+    state = checkpoint.load(path)
+    if state["segments"] != _segment_table(r.arena):
+        raise _collective(DataError(f"{path}: parameters do not match model {r.config.model.name!r} "
+                                    "(different model or options than the run that wrote it)"))
+    if int(state["global_batch"]) != r.config.train.global_batch:
+        raise _collective(ConfigError(f"train.global_batch = {r.config.train.global_batch}, but {path} was "
+                                      f"written with {int(state['global_batch'])}; resume with the same global batch"))
+    r.arena.params[...] = r.arena.xp.asarray(state["params"])
+    for name, value in state["buffers"].items():
+        r.model.set_buffer(name, value)
+    r.optimizer.load_state_dict(state["optimizer"])
+    r.loader.load_state_dict(state["sampler"])
+    rng_states = state.get("rng", {})
+    for name, module in _modules_with_rng(r.model):
+        if name in rng_states:
+            module.rng.bit_generator.state = json.loads(rng_states[name])
+    return int(state["step"]), int(state.get("skipped_steps", 0))
+
+
+def _modules_with_rng(model):
+    return [(f"module{i}", m) for i, m in enumerate(model.modules())
+            if isinstance(getattr(m, "rng", None), np.random.Generator)]
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+
+def _collective(exc: UserError) -> UserError:
+    exc.collective = True  # raised on every rank at once: print once, no abort needed
+    return exc
+
+
+def _mark(r: Run, step: int, phase: str) -> None:
+    if r.watchdog is not None:
+        r.watchdog.mark(step, phase)
+
+
+class _NoWait:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _waiting(r: Run, what: str):
+    return r.watchdog.waiting(what) if r.watchdog is not None else _NoWait()
+
+
+def _local_rank(world) -> int:
+    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return world.rank
+
+
+def _version() -> str:
+    from hpcdl import __version__
+
+    return __version__
+
+
+def _optimizer_options(config: Config) -> dict:
+    o = config.optim
+    common = {"weight_decay": o.weight_decay, "no_decay": list(o.no_decay)}
+    if o.name in ("sgd", "nesterov"):
+        return {**common, "momentum": o.momentum}
+    if o.name == "adamw":
+        return {**common, "betas": tuple(o.betas), "eps": o.eps}
+    if o.name == "lars":
+        return {**common, "momentum": o.momentum, "trust_coefficient": o.trust_coefficient,
+                "no_adapt": list(o.no_adapt), "trust_clamp": tuple(o.trust_clamp) or None}
+    return {**common, "betas": tuple(o.betas), "eps": o.eps, "mode": o.lamb_mode, "max_grad_norm": o.max_grad_norm,
+            "no_adapt": list(o.no_adapt), "trust_clamp": tuple(o.trust_clamp) or None}
+
+
+def _log_layer_stats(log: MetricsLog, step: int, r: Run) -> None:
+    stats = r.optimizer.last_stats
+    if not stats:
+        return
+    log.write("layers", step=step, names=[s.name for s in r.arena.segments],
+              **{k: np.asarray(v).round(8).tolist() for k, v in stats.items() if hasattr(v, "__len__")})
+
+
+def _banner(r: Run, threads, resume_path) -> str:
+    config, world, arena = r.config, r.world, r.arena
+    per_rank = config.train.global_batch // (world.size * config.train.accumulate_steps)
+    lines = [
+        f"hpcdl: {config.model.name}, {arena.num_parameters:,} parameters in {len(arena.segments)} tensors; "
+        f"{world.size} rank(s) x {threads} thread(s), allreduce {world.name}, device {backend.device}",
+        f"hpcdl: global batch {config.train.global_batch} = {per_rank} per rank x {world.size} ranks x "
+        f"{config.train.accumulate_steps} accumulation; {r.steps_per_epoch} steps/epoch, {r.total_steps} steps",
+        f"hpcdl: {config.optim.name}: {r.schedule.describe()}",
+    ]
+    if resume_path:
+        lines.append(f"hpcdl: resuming from {resume_path}")
+    return "\n".join(lines)
