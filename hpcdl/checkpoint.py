@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from hpcdl import faults
+from hpcdl.atomic import atomic_output
 from hpcdl.errors import ConfigError, DataError, UserError
 
 FORMAT_VERSION = 1
@@ -262,18 +263,6 @@ def _kill_self(temp_path: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        # Some file systems refuse fsync on a directory; the rename is still atomic there.
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
 def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -293,29 +282,19 @@ def save(path, state: dict, *, fault_hook: Callable[[Path], None] | None = None)
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     path = Path(path)
     hook = fault_hook or _fault_hook_from_env()
-    temp = temp_path_for(path)
     try:
-        file = h5py.File(temp, "w", libver=_LIBVER, track_order=True, locking=False)
+        with atomic_output(path, temp=temp_path_for(path)) as temp:
+            with h5py.File(temp, "w", libver=_LIBVER, track_order=True, locking=False) as file:
+                file.attrs["hpcdl.format"] = FORMAT_VERSION
+                writer = _Writer(file, _count_datasets(state), hook, temp)
+                writer.write_group(file, state, "")
+                if hook is not None and writer.written == 0:
+                    file.flush()
+                    hook(temp)
+                file.attrs["hpcdl.complete"] = True
+            # HDF5 writes its superblock and free-space info on close: atomic_output fsyncs after that.
     except OSError as exc:
-        raise UserError(f"cannot write checkpoint {path}: {_first_line(exc)}") from None
-    try:
-        with file:
-            file.attrs["hpcdl.format"] = FORMAT_VERSION
-            writer = _Writer(file, _count_datasets(state), hook, temp)
-            writer.write_group(file, state, "")
-            if hook is not None and writer.written == 0:
-                file.flush()
-                hook(temp)
-            file.attrs["hpcdl.complete"] = True
-        # HDF5 writes its superblock and free-space info on close, so fsync after it.
-        _fsync_path(temp)
-        os.replace(temp, path)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write checkpoint {path}: {_first_line(exc)}") from exc
-        raise
-    _fsync_path(path.parent, directory=True)
+        raise UserError(f"cannot write checkpoint {path}: {_first_line(exc)}") from exc
     return path
 
 

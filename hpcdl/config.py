@@ -152,33 +152,23 @@ def _suggest(word: str, options, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+# What each annotated type accepts from TOML, and how the error names it. bool is an
+# int in Python, so numbers exclude it explicitly: `epochs = true` is a mistake, not 1.
+_ACCEPTS = {
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    list: (lambda v: isinstance(v, list), "a list"),
+    dict: (lambda v: isinstance(v, dict), "a table"),
+}
+
+
 def _coerce(value: Any, expected: type, where: str):
-    origin = get_origin(expected) or expected
-    if origin is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if origin is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if origin is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {expected}")  # a bug in this module, not user input
+    accepts, description = _ACCEPTS[get_origin(expected) or expected]
+    if not accepts(value):
+        raise ConfigError(f"{where}: expected {description}, got {value!r}")
+    return float(value) if expected is float else value
 
 
 def _check_range(value, meta: dict, where: str):

@@ -23,6 +23,7 @@ Invariants the step relies on:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -146,7 +147,8 @@ def _setup(config: Config, out_dir: Path) -> Run:
         checkpoints=checkpoint.CheckpointManager(out_dir / "checkpoints", keep=config.checkpoint.keep,
                                                  rank=world.rank),
         checkpoint_clock=checkpoint.CheckpointPolicy(every_steps=config.checkpoint.every_steps,
-                                                     every_minutes=config.checkpoint.every_minutes),
+                                                     every_minutes=config.checkpoint.every_minutes,
+                                                     rank=world.rank),
         stop_signals=checkpoint.StopSignals(), watchdog=watchdog, out_dir=out_dir,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         injected={"raise": set(faults.requested("raise-at-step")),
@@ -354,6 +356,7 @@ def _save(r: Run, step: int, skipped_total: int) -> None:
     _average_buffers(r)
     if r.rank == 0:
         r.checkpoints.save(step, _checkpoint_state(r, step, skipped_total))
+    r.checkpoint_clock.record_save()
     r.world.barrier()  # nobody races ahead of a checkpoint that a restart will depend on
 
 
@@ -410,16 +413,8 @@ def _mark(r: Run, step: int, phase: str) -> None:
         r.watchdog.mark(step, phase)
 
 
-class _NoWait:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _waiting(r: Run, what: str):
-    return r.watchdog.waiting(what) if r.watchdog is not None else _NoWait()
+    return r.watchdog.waiting(what) if r.watchdog is not None else contextlib.nullcontext()
 
 
 def _local_rank(world) -> int:

@@ -54,3 +54,15 @@ def tiny_hdf5(tmp_path):
     write_hdf5(path, {"train": tiny_split(40, (3, 6, 5), seed=3), "test": tiny_split(12, (3, 6, 5), seed=4)},
                [f"c{i}" for i in range(TINY_CLASSES)], chunk_rows=16)
     return path
+
+
+@pytest.fixture
+def cupy():
+    """CuPy with a usable CUDA device, or the test is skipped (the suite must pass without a GPU)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return cupy

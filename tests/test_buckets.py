@@ -96,10 +96,7 @@ def test_bucketed_reduction_equals_numpy_sum_over_ranks_and_micro_batches(ranks)
 
 @pytest.mark.gpu
 @pytest.mark.mpi
-def test_cupy_buffers_reduce_exactly_with_and_without_staging():
-    cupy = pytest.importorskip("cupy")
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        pytest.skip("no CUDA device")
+def test_cupy_buffers_reduce_exactly_with_and_without_staging(cupy):
     for aware in ("0", "auto"):
         env = dict(os.environ)
         if aware != "auto":

@@ -412,10 +412,7 @@ def test_a_signalled_process_finishes_its_step_and_exits_cleanly(sig):
 
 
 @pytest.mark.gpu
-def test_device_arrays_are_saved_from_the_host(tmp_path):
-    cupy = pytest.importorskip("cupy")
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA device")
+def test_device_arrays_are_saved_from_the_host(tmp_path, cupy):
     params = cupy.arange(1000, dtype=cupy.float32)
     checkpoint.save(tmp_path / "c.h5", {"params": params})
     loaded = checkpoint.load(tmp_path / "c.h5")["params"]

@@ -528,19 +528,8 @@ def test_normalize_values():
     assert empty.shape == (0, 2, 2, 2)
 
 
-def _cuda_available():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
-def test_augmentation_on_cupy_matches_numpy():
-    cupy = _cuda_available()
+def test_augmentation_on_cupy_matches_numpy(cupy):
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (32, 3, 10, 9), dtype=np.uint8)
     augment = Augmenter(mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3], pad=3, seed=2)

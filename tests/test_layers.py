@@ -436,20 +436,9 @@ def test_sync_batchnorm_under_mpiexec(tmp_path):
 
 # -- GPU ----------------------------------------------------------------------------------------------
 
-def _gpu_or_skip():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["conv_s2_p1", "batchnorm_4d", "attention_causal", "residual_projection"])
-def test_cupy_matches_numpy(case):
-    cupy = _gpu_or_skip()
+def test_cupy_matches_numpy(case, cupy):
     make, shape = GRADCHECK_CASES[case]
     x = rng(1).standard_normal(shape)
     results = []

@@ -400,19 +400,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert ptx.read_text().count(".entry") == 2 * len(optim_gpu.KERNELS)
 
 
-def _cupy_with_device():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 @pytest.mark.gpu
-def test_cuda_kernels_compile():
-    _cupy_with_device()
+def test_cuda_kernels_compile(cupy):
     from hpcdl.kernels import optim_gpu
 
     optim_gpu.compile_all(np.float32)
@@ -421,8 +410,7 @@ def test_cuda_kernels_compile():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,hyper", CONFIGS, ids=[f"{n}-{h}" for n, h in CONFIGS])
-def test_cupy_matches_reference_over_a_warmup(name, hyper):
-    cupy = _cupy_with_device()
+def test_cupy_matches_reference_over_a_warmup(name, hyper, cupy):
     arena = make_arena(xp=cupy)
     opt = create(name, arena, **hyper)
     expected, _, stats = run_both(arena, opt)
@@ -431,8 +419,7 @@ def test_cupy_matches_reference_over_a_warmup(name, hyper):
 
 
 @pytest.mark.gpu
-def test_cupy_skips_non_finite_step():
-    cupy = _cupy_with_device()
+def test_cupy_skips_non_finite_step(cupy):
     arena = make_arena(xp=cupy, layout=LAYOUT[2:])
     opt = create("lamb", arena)
     arena.grads[...] = cupy.asarray(gradients(arena, 0))

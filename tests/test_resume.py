@@ -119,3 +119,15 @@ def test_restart_wrapper_relaunches_on_fewer_ranks(tmp_path):
     summary = json.loads(final)
     assert summary["world_size"] == 1
     _assert_same_training(summary, reference.summary)
+
+
+def test_time_triggered_checkpoints_follow_the_clock(tmp_path):
+    # 0.005 min = 0.3 s: a few checkpoints over the run, never one per step
+    result = launch([*TINY, "--set", "train.max_steps=60", "--set", "checkpoint.every_minutes=0.005",
+                     "--set", "checkpoint.keep=1000", "--set", "checkpoint.at_end=false", "--out", str(tmp_path)],
+                    ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("ckpt-*.h5"))
+    assert steps, "no time-triggered checkpoint"
+    assert len(steps) <= result.summary["seconds"] / 0.3 + 1
+    assert len(steps) < 60

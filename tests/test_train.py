@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -255,3 +254,40 @@ def test_labels_out_of_range_in_hdf5(tmp_path):
     result, lines = _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{path}'"], tmp_path)
     assert result.returncode == 2
     assert len(lines) == 1 and str(path) in lines[0] and "labels" in lines[0], result.stderr
+
+
+def test_wrong_image_dtype_in_hdf5(tmp_path):
+    import h5py
+    import numpy as np
+    from hpcdl.data.hdf5 import write_hdf5
+
+    path = tmp_path / "dtype.h5"
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 64)
+    write_hdf5(path, {"train": (images, labels), "test": (images[:8], labels[:8])}, class_names=["a", "b", "c"])
+    with h5py.File(path, "r+") as f:  # the same pixels stored as float32: not what the format promises
+        del f["train/images"]
+        f["train/images"] = images.astype(np.float32)
+    result, lines = _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{path}'"], tmp_path)
+    assert result.returncode == 2
+    assert len(lines) == 1 and str(path) in lines[0] and "images" in lines[0] and "uint8" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("optimizer, lr", [
+    ("sgd", 0.05), ("nesterov", 0.05), ("adamw", 0.002), ("lars", 10.0), ("lamb", 0.03),
+])
+def test_every_optimizer_trains_by_name(tmp_path, optimizer, lr):
+    result = launch([*TINY, "--set", f"optim.name='{optimizer}'", "--set", f"schedule.base_lr={lr}",
+                     "--set", "schedule.base_batch=32", "--set", "optim.weight_decay=1e-4",
+                     "--set", "log.layer_stats_every=10", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"hpcdl: {optimizer}:" in result.stderr  # the banner states the effective LR rule
+    records = _read_metrics(tmp_path)
+    losses = [r["loss"] for r in records if r["kind"] == "step"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    layer_stats = [r for r in records if r["kind"] == "layers"]
+    assert [r["step"] for r in layer_stats] == [10, 20]
+    if optimizer in ("lars", "lamb"):
+        trust = layer_stats[-1]["trust"]
+        assert len(trust) == len(layer_stats[-1]["names"]) and any(t != 1.0 for t in trust)

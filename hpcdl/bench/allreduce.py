@@ -111,6 +111,21 @@ class _Timer:
         self.comm.Allreduce(self._local, self._slowest, op=self.MPI.MAX)
         return float(self._slowest[0])
 
+    def interleaved(self, variants: dict, repeats: int, warmup: int, before=None) -> dict[str, list[float]]:
+        """Times of every variant, taking turns within each repetition so machine noise hits all alike.
+
+        `before()` runs untimed ahead of each call (e.g. to reset the buffer).
+        """
+        samples = {key: [] for key in variants}
+        for rep in range(warmup + repeats):
+            for key, fn in variants.items():
+                if before is not None:
+                    before()
+                t = self(fn)
+                if rep >= warmup:
+                    samples[key].append(t)
+        return samples
+
 
 def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, warmup: int) -> list[dict]:
     p = timer.comm.Get_size()
@@ -124,13 +139,9 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
     for nbytes in sizes:
         n = nbytes // itemsize
         view = buf[:n]
-        samples = {name: [] for name in comms}
-        for rep in range(warmup + repeats):
-            for name, comm in comms.items():
-                view.fill(1)  # keep values bounded; outside the timed region
-                t = timer(lambda: comm.allreduce(view))
-                if rep >= warmup:
-                    samples[name].append(t)
+        # view.fill(1) keeps values bounded, outside the timed region
+        samples = timer.interleaved({name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()},
+                                    repeats, warmup, before=lambda: view.fill(1))
         for name in comms:
             row = {"algorithm": name, "bytes": n * itemsize, **_summary(samples[name])}
             row["algbw_GBps"] = row["bytes"] / row["median_s"] / 1e9 if row["median_s"] > 0 else 0.0
@@ -199,13 +210,7 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
 
         variants[f"bucketed_{name}"] = bucketed
 
-    samples = {k: [] for k in variants}
-    for rep in range(warmup + repeats):
-        for key, fn in variants.items():
-            arena.grads.fill(1)
-            t = timer(fn)
-            if rep >= warmup:
-                samples[key].append(t)
+    samples = timer.interleaved(variants, repeats, warmup, before=lambda: arena.grads.fill(1))
     result = {
         "tensors": len(shapes),
         "parameters": int(arena.num_parameters),
@@ -251,16 +256,8 @@ def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup
 
     variants = {"backward_only": backward, "overlap_off": lambda: step(reducers[False]),
                 "overlap_on": lambda: step(reducers[True])}
-    samples = {k: [] for k in variants}
-    stats = {}
-    for rep in range(warmup + repeats):
-        for key, fn in variants.items():
-            arena.grads.fill(1)
-            t = timer(fn)
-            if rep >= warmup:
-                samples[key].append(t)
-                if key != "backward_only":
-                    stats[key] = dict(reducers[key == "overlap_on"].stats)
+    samples = timer.interleaved(variants, repeats, warmup, before=lambda: arena.grads.fill(1))
+    stats = {"overlap_off": dict(reducers[False].stats), "overlap_on": dict(reducers[True].stats)}
     times = {k: _summary(v) for k, v in samples.items()}
     off, on = times["overlap_off"]["median_s"], times["overlap_on"]["median_s"]
     return {"algorithm": algorithm, "backward_target_ms": backward_ms, "times": times,

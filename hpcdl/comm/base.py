@@ -86,6 +86,74 @@ def chunk_bounds(n: int, parts: int) -> list[int]:
     return [n * i // parts for i in range(parts + 1)]
 
 
+# Reduce-scatter steps receive and add in pieces of about this many bytes, so
+# each received piece is added while it is still in cache instead of
+# streaming a chunk-sized scratch buffer through memory twice. On the 2-core
+# development host (MPICH 5.0, shared memory) this took the 2-rank ring at
+# 100 MiB from 17.5 ms to 11.4 ms; 256 KiB and 4 MiB pieces were within 7 %.
+REDUCE_PIECE_BYTES = 1 << 20
+
+
+def pieces_for(largest_chunk: int, itemsize: int) -> int:
+    """How many pieces a reduce step of up to `largest_chunk` elements is cut into.
+
+    Sender and receiver must agree on it, so it depends only on numbers both know.
+    """
+    return max(1, -(-largest_chunk * itemsize // REDUCE_PIECE_BYTES))
+
+
+def piece_capacity(largest_chunk: int, itemsize: int) -> int:
+    """Scratch elements that hold any piece of a chunk of up to `largest_chunk` elements.
+
+    A chunk of m elements is cut into ceil(m·itemsize / REDUCE_PIECE_BYTES)
+    pieces, so no piece is longer than m or than REDUCE_PIECE_BYTES / itemsize
+    (rounded up), whatever m is.
+    """
+    return min(largest_chunk, -(-REDUCE_PIECE_BYTES // itemsize))
+
+
+def exchange_and_add(comm, outgoing, dest: int, target, source: int, scratch, tag: int, pieces: int) -> Schedule:
+    """Send `outgoing` to `dest` while adding what `source` sends into `target`, piece by piece.
+
+    The sender's `outgoing` and the receiver's `target` are the same chunk of
+    the vector, so cutting both with `chunk_bounds(size, pieces)` makes every
+    piece's send match its receive. `scratch` holds one piece.
+    """
+    add = adder(target)
+    send_bounds = chunk_bounds(outgoing.size, pieces)
+    recv_bounds = chunk_bounds(target.size, pieces)
+    for k in range(pieces):
+        piece = target[recv_bounds[k]:recv_bounds[k + 1]]
+        incoming = scratch[: piece.size]
+        yield exchange(comm, outgoing[send_bounds[k]:send_bounds[k + 1]], dest, incoming, source, tag)
+        add(piece, incoming, out=piece)
+
+
+def send_in_pieces(comm, buf, dest: int, tag: int, pieces: int) -> Schedule:
+    """The sending side of `receive_and_add`."""
+    bounds = chunk_bounds(buf.size, pieces)
+    for k in range(pieces):
+        yield send(comm, buf[bounds[k]:bounds[k + 1]], dest, tag)
+
+
+def receive_and_add(comm, target, source: int, scratch, tag: int, pieces: int, received_first: bool = False) -> Schedule:
+    """Add what `source` sends (with `send_in_pieces`) into `target`, piece by piece.
+
+    `received_first` puts the received operand on the left of the addition,
+    for algorithms that keep the lower rank's data first.
+    """
+    add = adder(target)
+    bounds = chunk_bounds(target.size, pieces)
+    for k in range(pieces):
+        piece = target[bounds[k]:bounds[k + 1]]
+        incoming = scratch[: piece.size]
+        yield receive(comm, incoming, source, tag)
+        if received_first:
+            add(incoming, piece, out=piece)
+        else:
+            add(piece, incoming, out=piece)
+
+
 def check_buffer(buf, op: str) -> None:
     if op not in OPS:
         raise ValueError(f"allreduce op must be one of {OPS}, got {op!r}")

@@ -8,7 +8,8 @@ rules of non-blocking collectives.
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import Communicator, Schedule, adder, mpi, receive, send
+from hpcdl.comm.base import (Communicator, Schedule, mpi, piece_capacity, pieces_for, receive,
+                              receive_and_add, send, send_in_pieces)
 from hpcdl.comm.ring import ring_schedule, ring_scratch_size
 from hpcdl.errors import ConfigError
 
@@ -21,16 +22,14 @@ def tree_reduce_schedule(comm, buf, scratch, tag: int) -> Schedule:
     formed on one rank only, lower ranks' data first.
     """
     k, q = comm.Get_size(), comm.Get_rank()
-    add = adder(buf)
+    pieces = pieces_for(buf.size, buf.itemsize)
     mask = 1
     while mask < k:
         if q & mask:
-            yield send(comm, buf, q - mask, tag)
+            yield from send_in_pieces(comm, buf, q - mask, tag, pieces)
             return
         if q + mask < k:
-            incoming = scratch[: buf.size]
-            yield receive(comm, incoming, q + mask, tag)
-            add(buf, incoming, out=buf)
+            yield from receive_and_add(comm, buf, q + mask, scratch, tag, pieces)
         mask <<= 1
 
 
@@ -80,7 +79,8 @@ class HierarchicalCommunicator(Communicator):
         self.num_nodes = sum(self._comm.allgather(self.is_leader))
 
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
-        need = buf.size if self.node_comm.Get_size() > 1 else ring_scratch_size(buf.size, self.num_nodes)
+        tree_piece = piece_capacity(buf.size, buf.itemsize) if self.node_comm.Get_size() > 1 else 0
+        need = max(tree_piece, ring_scratch_size(buf.size, self.num_nodes, buf.itemsize))
         scratch = self.scratch(tag, buf, need)
         yield from tree_reduce_schedule(self.node_comm, buf, scratch, tag)
         if self.is_leader:

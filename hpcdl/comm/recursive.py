@@ -12,7 +12,8 @@ Ranks inside the group are renumbered 0 .. p'-1 ("group rank");
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import Communicator, Schedule, adder, chunk_bounds, exchange, receive, send
+from hpcdl.comm.base import (Communicator, Schedule, adder, chunk_bounds, exchange, exchange_and_add,
+                              piece_capacity, pieces_for, receive, receive_and_add, send, send_in_pieces)
 
 
 class _Fold:
@@ -33,12 +34,12 @@ class _Fold:
     def fold_in(self, comm, buf, scratch, tag: int) -> Schedule:
         if self.rank >= 2 * self.rem:
             return
+        pieces = pieces_for(buf.size, buf.itemsize)
         if self.group_rank < 0:
-            yield send(comm, buf, self.rank + 1, tag)
+            yield from send_in_pieces(comm, buf, self.rank + 1, tag, pieces)
             return
-        incoming = scratch[: buf.size]
-        yield receive(comm, incoming, self.rank - 1, tag)
-        adder(buf)(incoming, buf, out=buf)  # lower rank's operand first, as in the group steps
+        # lower rank's operand first, as in the group steps
+        yield from receive_and_add(comm, buf, self.rank - 1, scratch, tag, pieces, received_first=True)
 
     def fold_out(self, comm, buf, tag: int) -> Schedule:
         if self.rank >= 2 * self.rem:
@@ -95,7 +96,6 @@ def rabenseifner_schedule(comm, buf, scratch, tag: int) -> Schedule:
     yield from fold.fold_in(comm, buf, scratch, tag)
     g = fold.group_rank
     if g >= 0:
-        add = adder(buf)
         bounds = chunk_bounds(buf.size, fold.group)
 
         def elements(first_chunk: int, last_chunk: int):
@@ -107,10 +107,10 @@ def rabenseifner_schedule(comm, buf, scratch, tag: int) -> Schedule:
             partner = fold.world_rank(g ^ mask)
             mid = (lo + hi) // 2
             (keep_lo, keep_hi), (give_lo, give_hi) = ((lo, mid), (mid, hi)) if not g & mask else ((mid, hi), (lo, mid))
-            kept = elements(keep_lo, keep_hi)
-            incoming = scratch[: kept.size]
-            yield exchange(comm, elements(give_lo, give_hi), partner, incoming, partner, tag)
-            add(kept, incoming, out=kept)
+            kept, given = elements(keep_lo, keep_hi), elements(give_lo, give_hi)
+            # both partners see the same pair of halves, so they agree on the piece count
+            pieces = pieces_for(max(kept.size, given.size), buf.itemsize)
+            yield from exchange_and_add(comm, given, partner, kept, partner, scratch, tag, pieces)
             lo, hi = keep_lo, keep_hi
             mask >>= 1
         mask = 1
@@ -139,7 +139,7 @@ class RabenseifnerCommunicator(Communicator):
     name = "rabenseifner"
 
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
-        # A fold-in receives a whole vector; without one the largest receive is the first half.
-        power_of_two = self.size & (self.size - 1) == 0
-        need = buf.size - buf.size // 2 if power_of_two else buf.size
+        # The largest piece received: of the first half in the halving phase, or of the whole vector in a fold-in.
+        largest = buf.size if self.size & (self.size - 1) else buf.size - buf.size // 2
+        need = piece_capacity(largest, buf.itemsize)
         return rabenseifner_schedule(self._comm, buf, self.scratch(tag, buf, need), tag)

@@ -12,11 +12,12 @@ at the price of 2(p - 1) message latencies.
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import Communicator, Schedule, adder, chunk_bounds, exchange
+from hpcdl.comm.base import (Communicator, Schedule, chunk_bounds, exchange, exchange_and_add, piece_capacity,
+                              pieces_for)
 
 
 def ring_schedule(comm, buf, scratch, tag: int) -> Schedule:
-    """In-place sum of `buf` over `comm` (any size >= 1); `scratch` holds >= ceil(n/p) elements.
+    """In-place sum of `buf` over `comm` (any size >= 1); `scratch` holds `ring_scratch_size` elements.
 
     Bitwise agreement across ranks: every chunk's sum is formed by exactly
     one chain of additions, each on one rank, and the allgather phase only
@@ -31,22 +32,26 @@ def ring_schedule(comm, buf, scratch, tag: int) -> Schedule:
         return buf[bounds[i]:bounds[i + 1]]
 
     right, left = (r + 1) % p, (r - 1) % p
-    add = adder(buf)
+    pieces = ring_pieces(buf.size, p, buf.itemsize)
     # Reduce-scatter. At step s we pass on the partial sum of chunk r - s
     # (which has s + 1 contributions) and fold our own data into chunk r - s - 1.
     for s in range(p - 1):
         outgoing, target = chunk((r - s) % p), chunk((r - s - 1) % p)
-        incoming = scratch[: target.size]
-        yield exchange(comm, outgoing, right, incoming, left, tag)
-        add(target, incoming, out=target)
+        yield from exchange_and_add(comm, outgoing, right, target, left, scratch, tag, pieces)
     # Allgather: rank r now owns the finished chunk r + 1 and forwards what it last received.
     for s in range(p - 1):
         outgoing, target = chunk((r + 1 - s) % p), chunk((r - s) % p)
         yield exchange(comm, outgoing, right, target, left, tag)
 
 
-def ring_scratch_size(n: int, p: int) -> int:
-    return -(-n // p)
+def ring_pieces(n: int, p: int, itemsize: int) -> int:
+    """Pieces per reduce-scatter step, from the largest chunk, which every rank knows."""
+    return pieces_for(-(-n // p), itemsize)
+
+
+def ring_scratch_size(n: int, p: int, itemsize: int) -> int:
+    """Elements of the largest piece a reduce-scatter step receives."""
+    return piece_capacity(-(-n // p), itemsize)
 
 
 class RingCommunicator(Communicator):
@@ -55,5 +60,5 @@ class RingCommunicator(Communicator):
     name = "ring"
 
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
-        scratch = self.scratch(tag, buf, ring_scratch_size(buf.size, self.size))
+        scratch = self.scratch(tag, buf, ring_scratch_size(buf.size, self.size, buf.itemsize))
         return ring_schedule(self._comm, buf, scratch, tag)

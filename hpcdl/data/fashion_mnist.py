@@ -34,7 +34,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from hpcdl.data.atomic import atomic_output
+from hpcdl.atomic import atomic_output
 from hpcdl.data.idx import IDX_FILES, find_idx_files
 from hpcdl.errors import DataError
 

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hpcdl.data.atomic import atomic_output
+from hpcdl.atomic import atomic_output
 from hpcdl.data.validate import channel_histogram, stats_from_histogram, validate_images_labels
 from hpcdl.errors import DataError
 

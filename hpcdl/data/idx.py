@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcdl.data.atomic import atomic_output
+from hpcdl.atomic import atomic_output
 from hpcdl.errors import DataError
 
 # IDX dtype code -> big-endian NumPy dtype

@@ -3,6 +3,7 @@
 The temp file lives in the destination directory (a rename is only atomic
 within one file system), is flushed and fsynced before `os.replace`, and the
 directory is fsynced after it so the rename itself survives a crash.
+Datasets, downloads and checkpoints all go through `atomic_output`.
 """
 from __future__ import annotations
 
@@ -15,17 +16,25 @@ from hpcdl.errors import DataError
 
 
 @contextmanager
-def atomic_output(path):
-    """Yield a temp path next to `path`; on success it becomes `path`, on error it vanishes."""
+def atomic_output(path, temp=None):
+    """Yield a temp path next to `path`; on success it becomes `path`, on an exception it vanishes.
+
+    `temp` names the temp file (it must be in the same directory) for callers
+    that recognise their own leftovers after a crash; by default a unique
+    hidden name is made. A process killed inside the block leaves the temp
+    file behind and `path` untouched.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise DataError(f"{path}: directory {path.parent} does not exist")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write in {path.parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if temp is None:
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot write in {path.parent}: {exc.strerror or exc}") from None
+        os.close(fd)
+        temp = tmp_name
+    tmp = Path(temp)
     try:
         yield tmp
         _fsync_path(tmp)
