@@ -35,15 +35,15 @@ class Costs:
         return asdict(self)
 
 
-# `fit_bench(result, large_bytes=16 * 2**20)` of `mpiexec -n 2 python -m hpcdl.bench.allreduce
-# --repeats 15 --no-resnet` on the 2-core development host (shared memory, MPICH 5.0, float32):
+# `fit_bench(result, large_bytes=16 * 2**20)` of `mpiexec -n 2 hpcdl bench allreduce --repeats 15
+# --json ...` on the 2-core development host (shared memory, MPICH 5.0, float32, machine idle):
 # α from all sizes, β from the DRAM-sized ones, γ the measured local add. Refit on real hardware.
 DEFAULT_COSTS = {
-    "ring": Costs(alpha=6.1e-6, beta=2.5e-10, gamma=5.8e-11),
-    "recursive_doubling": Costs(alpha=7.7e-6, beta=2.7e-10, gamma=5.8e-11),
-    "rabenseifner": Costs(alpha=6.5e-6, beta=2.6e-10, gamma=5.8e-11),
-    "hierarchical": Costs(alpha=4.5e-6, beta=3.1e-10, gamma=5.8e-11),
-    "native": Costs(alpha=3.8e-6, beta=4.9e-10, gamma=5.8e-11),
+    "ring": Costs(alpha=8.5e-6, beta=6.3e-11, gamma=3.4e-11),
+    "recursive_doubling": Costs(alpha=9.1e-6, beta=9.6e-11, gamma=3.4e-11),
+    "rabenseifner": Costs(alpha=9.1e-6, beta=6.6e-11, gamma=3.4e-11),
+    "hierarchical": Costs(alpha=6.3e-6, beta=1.3e-10, gamma=3.4e-11),
+    "native": Costs(alpha=4.6e-6, beta=1.4e-10, gamma=3.4e-11),
 }
 
 

@@ -27,24 +27,23 @@ from hpcdl.errors import ConfigError
 FORMAT = "hpcdl-crossovers/1"
 CROSSOVERS_ENV = "HPCDL_CROSSOVERS"
 
-# From `mpiexec -n P python -m hpcdl.bench.allreduce --no-resnet --save-crossovers ...` on
-# the 2-core development host (shared memory, MPICH 5.0, float32), rounded by hand:
-# P=2 (15 repeats): the saved rules were native <= 8 KiB, recursive doubling <= 512 KiB,
-# Rabenseifner <= 80 MiB, ring above; at P=2 Rabenseifner and the ring send the same
-# messages and timed within 5 % of each other from 1 MiB up, so one name covers both.
-# P=3 ran oversubscribed (3 ranks, 2 cores): below 16 MiB its timings are scheduler noise,
-# so only its large-message crossover (ring from 16 MiB, 0.25x native at 100 MiB) is kept.
+# From `mpiexec -n P hpcdl bench allreduce --repeats 15 --json ...` on the 2-core development
+# host (shared memory, MPICH 5.0, float32, machine otherwise idle), rounded by hand. The saved
+# rules were, at P=2: recursive doubling <= 8 KiB, native <= 512 KiB, Rabenseifner <= 8 MiB,
+# ring above; below 512 KiB the three small-message choices were within 6 % of each other and
+# at P=2 Rabenseifner and the ring send the same messages (within 5 % from 1 MiB up), so the
+# table keeps one name for each regime. P=3 ran oversubscribed (3 ranks on 2 cores): native
+# up to 2 MiB, the ring above (0.16x native's time at 100 MiB).
 DEFAULT_TABLE = {
     "format": FORMAT,
     "source": "shipped default: 2-core shared-memory dev host, MPICH 5.0, float32 (see hpcdl/comm/auto.py)",
     "by_ranks": {
         "2": [
-            {"up_to_bytes": 8192, "algorithm": "native"},
-            {"up_to_bytes": 524288, "algorithm": "recursive_doubling"},
+            {"up_to_bytes": 524288, "algorithm": "native"},
             {"up_to_bytes": None, "algorithm": "ring"},
         ],
         "3": [
-            {"up_to_bytes": 8388608, "algorithm": "native"},
+            {"up_to_bytes": 2097152, "algorithm": "native"},
             {"up_to_bytes": None, "algorithm": "ring"},
         ],
     },
