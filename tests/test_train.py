@@ -233,45 +233,37 @@ def test_corrupt_idx_file(tmp_path):
 def test_corrupt_hdf5_file(tmp_path):
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
-    result, lines = _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{broken}'"], tmp_path)
+    result, lines = _train_on_hdf5(broken, tmp_path)
     assert result.returncode == 2
     assert len(lines) == 1 and str(broken) in lines[0], result.stderr
 
 
-def test_labels_out_of_range_in_hdf5(tmp_path):
-    import numpy as np
-    from hpcdl.data.hdf5 import write_hdf5
+def _train_on_hdf5(path, tmp_path):
+    return _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{path}'"], tmp_path)
 
-    path = tmp_path / "labels.h5"
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
-    labels = rng.integers(0, 3, 64)
-    write_hdf5(path, {"train": (images, labels), "test": (images[:8], labels[:8])}, class_names=["a", "b", "c"])
+
+def test_labels_out_of_range_in_hdf5(tiny_hdf5, tmp_path):
     import h5py
 
-    with h5py.File(path, "r+") as f:  # corrupt after writing: a label the class list does not have
+    with h5py.File(tiny_hdf5, "r+") as f:  # corrupt after writing: a label the class list does not have
         f["train/labels"][5] = 7
-    result, lines = _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{path}'"], tmp_path)
+    result, lines = _train_on_hdf5(tiny_hdf5, tmp_path)
     assert result.returncode == 2
-    assert len(lines) == 1 and str(path) in lines[0] and "labels" in lines[0], result.stderr
+    assert len(lines) == 1 and str(tiny_hdf5) in lines[0] and "labels" in lines[0], result.stderr
 
 
-def test_wrong_image_dtype_in_hdf5(tmp_path):
+def test_wrong_image_dtype_in_hdf5(tiny_hdf5, tmp_path):
     import h5py
     import numpy as np
-    from hpcdl.data.hdf5 import write_hdf5
 
-    path = tmp_path / "dtype.h5"
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
-    labels = rng.integers(0, 3, 64)
-    write_hdf5(path, {"train": (images, labels), "test": (images[:8], labels[:8])}, class_names=["a", "b", "c"])
-    with h5py.File(path, "r+") as f:  # the same pixels stored as float32: not what the format promises
+    with h5py.File(tiny_hdf5, "r+") as f:  # the same pixels stored as float32: not what the format promises
+        images = f["train/images"][...]
         del f["train/images"]
         f["train/images"] = images.astype(np.float32)
-    result, lines = _single(["--set", "data.dataset='hdf5'", "--set", f"data.path='{path}'"], tmp_path)
+    result, lines = _train_on_hdf5(tiny_hdf5, tmp_path)
     assert result.returncode == 2
-    assert len(lines) == 1 and str(path) in lines[0] and "images" in lines[0] and "uint8" in lines[0], result.stderr
+    assert len(lines) == 1 and str(tiny_hdf5) in lines[0] and "images" in lines[0] and "uint8" in lines[0], \
+        result.stderr
 
 
 @pytest.mark.parametrize("optimizer, lr", [
