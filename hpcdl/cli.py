@@ -158,7 +158,11 @@ def _train(args) -> int:
         overrides.append(f"runtime.device={args.device!r}")
     if args.threads is not None:
         overrides.append(f"runtime.threads={args.threads}")
-    config = config_mod.load(args.config, overrides)
+    try:
+        config = config_mod.load(args.config, overrides)
+    except UserError as exc:
+        exc.collective = True  # every rank reads the same file before MPI starts: rank 0 speaks for all
+        raise
 
     from hpcdl.threads import pin_threads
 

@@ -189,6 +189,13 @@ def test_bad_config_values(tmp_path, override, expected):
     assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
+def test_bad_config_under_mpiexec_is_reported_once(tmp_path):
+    result = launch([*TINY, "--set", "train.epoch=3", "--out", str(tmp_path)], ranks=2, timeout=60)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["hpcdl: error: config + --set: unknown key train.epoch (did you mean train.epochs?)"]
+
+
 def test_bad_config_file(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[train]\nepochs = 3\nglobal_bacth = 64\n")
