@@ -19,6 +19,9 @@ def test_shipped_configs_validate_and_name_real_models(path):
 
     cfg = config.load(path)
     assert cfg.model.name in models.names()
+    channels = 1 if cfg.data.dataset == "fashion_mnist" else 3
+    model = models.build(cfg.model.name, input_shape=(channels, 32, 32), num_classes=10, **cfg.model.options)
+    assert model.parameters()  # the options are ones the builder takes
 
 
 def test_overrides_are_typed_toml_values():
