@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trainer_runs import HPCDL, TINY, launch, mpiexec, relative_difference
+from trainer_runs import HPCDL, TINY, child_pids_running, launch, mpiexec, relative_difference
 
 pytestmark = pytest.mark.mpi
 
@@ -108,7 +108,7 @@ def test_killed_rank_brings_the_job_down(tmp_path):
         while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3):
             time.sleep(0.2)
         assert proc.poll() is None, "training ended before the kill"
-        ranks = _child_pids_running("hpcdl", proc.pid)
+        ranks = child_pids_running("hpcdl", proc.pid)
         assert len(ranks) == 2, ranks
         killed_at = time.perf_counter()
         os.kill(ranks[-1], signal.SIGKILL)
@@ -120,30 +120,6 @@ def test_killed_rank_brings_the_job_down(tmp_path):
             proc.wait()
     assert proc.returncode != 0
     assert elapsed <= 10, f"mpiexec took {elapsed:.1f} s to exit"
-
-
-def _child_pids_running(needle: str, root: int) -> list[int]:
-    """PIDs of descendants of `root` whose command line contains `needle`, sorted."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        children.setdefault(parent, []).append((int(entry), cmdline))
-    found, frontier = [], [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, cmdline in children.get(pid, []):
-            frontier.append(child)
-            if needle in cmdline and "mpiexec" not in cmdline and "hydra" not in cmdline:
-                found.append(child)
-    return sorted(found)
 
 
 def test_non_finite_gradient_skips_the_step(tmp_path):

@@ -63,3 +63,27 @@ def launch(args: list[str], ranks: int = 1, env: dict | None = None, rank_env: d
 
 def relative_difference(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-30)
+
+
+def child_pids_running(needle: str, root: int) -> list[int]:
+    """PIDs of descendants of `root` whose command line contains `needle`, sorted."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        children.setdefault(parent, []).append((int(entry), cmdline))
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, cmdline in children.get(pid, []):
+            frontier.append(child)
+            if needle in cmdline and "mpiexec" not in cmdline and "hydra" not in cmdline:
+                found.append(child)
+    return sorted(found)
