@@ -341,11 +341,11 @@ def _checkpoint_state(r: Run, step: int, skipped_total: int) -> dict:
         "world_size": r.world.size,
         "global_batch": r.config.train.global_batch,
         "config": r.config.to_json(),
-        "params": backend.to_host(r.arena.params).copy(),
+        # written before the next step touches them, so host views are enough: no extra copies
+        "params": backend.to_host(r.arena.params),
         "segments": _segment_table(r.arena),
-        "buffers": {name: backend.to_host(b).copy() for name, b in r.model.named_buffers()},
-        "optimizer": {k: backend.to_host(v) if hasattr(v, "shape") else v
-                      for k, v in r.optimizer.state_dict().items()},
+        "buffers": {name: backend.to_host(b) for name, b in r.model.named_buffers()},
+        "optimizer": r.optimizer.state_dict(),  # already host arrays
         "sampler": r.loader.state_dict(),
         "rng": {name: json.dumps(m.rng.bit_generator.state) for name, m in _modules_with_rng(r.model)},
         "skipped_steps": skipped_total,
