@@ -15,7 +15,7 @@ from hpcdl.data import fashion_mnist
 from hpcdl.data.augment import Augmenter, augment_reference, crop_flip, draw_offsets, normalize
 from hpcdl.data.convert import convert_folder, main as data_main
 from hpcdl.data.dataset import load_dataset, synthetic_dataset
-from hpcdl.data.hdf5 import read_hdf5, read_hdf5_meta, write_hdf5
+from hpcdl.data.hdf5 import read_hdf5, read_hdf5_meta, row_checksums, write_hdf5
 from hpcdl.data.idx import IDX_FILES, read_idx, write_idx
 from hpcdl.data.loader import BatchLoader, eval_batches
 from hpcdl.data.sampler import ShardedSampler
@@ -129,8 +129,10 @@ def test_hdf5_round_trip_rows_and_metadata(tiny_hdf5, tiny_split):
     np.testing.assert_allclose(meta["mean"], x.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(meta["std"], x.std(axis=(0, 2, 3)), rtol=1e-5)
     with h5py.File(tiny_hdf5) as f:
-        assert f["train/images"].chunks == (16, 3, 6, 5)  # chunked along N only
-        assert f.attrs["format_version"] == 1
+        assert f["train/images"].chunks is None  # contiguous: rows are read by offset
+        assert f["train/images"].id.get_offset() is not None
+        assert f.attrs["format_version"] == 2
+        np.testing.assert_array_equal(f["train/crc32"][...], row_checksums(train_images))
     assert [p.name for p in tiny_hdf5.parent.iterdir()] == [tiny_hdf5.name]  # no temp file left behind
 
 
@@ -186,18 +188,37 @@ def test_truncated_or_corrupt_hdf5_is_a_data_error(tiny_hdf5, damage):
     one_line_error(excinfo, str(tiny_hdf5))
 
 
-def test_flipped_bit_in_an_image_chunk_is_detected(tiny_hdf5):
+def test_flipped_bit_in_an_image_row_is_detected(tiny_hdf5):
     import h5py
 
     with h5py.File(tiny_hdf5) as f:
-        chunk = f["train/images"].id.get_chunk_info(1)  # rows 16..31
+        offset = f["train/images"].id.get_offset()
+    row_bytes = 3 * 6 * 5
     damaged = bytearray(tiny_hdf5.read_bytes())
-    damaged[chunk.byte_offset + 10] ^= 0x01
+    damaged[offset + 17 * row_bytes + 10] ^= 0x01
     tiny_hdf5.write_bytes(bytes(damaged))
-    read_hdf5(tiny_hdf5, "train", rows=slice(0, 16))  # other chunks still read
+    read_hdf5(tiny_hdf5, "train", rows=[16, 18, 0])  # other rows still read
     with pytest.raises(DataError) as excinfo:
         read_hdf5(tiny_hdf5, "train", rows=slice(16, 32))
-    one_line_error(excinfo, str(tiny_hdf5), "read failed")
+    one_line_error(excinfo, str(tiny_hdf5), "train/images row 17", "CRC-32 mismatch")
+
+
+def test_flipped_bit_in_a_version_1_chunk_is_detected(tmp_path, tiny_split):
+    import h5py
+
+    path = tmp_path / "v1.h5"
+    write_hdf5(path, {"train": tiny_split(40, (3, 6, 5), seed=3), "test": tiny_split(12, (3, 6, 5), seed=4)},
+               [f"c{i}" for i in range(TINY_CLASSES)], layout="chunked", chunk_rows=16)
+    with h5py.File(path) as f:
+        assert f.attrs["format_version"] == 1 and f["train/images"].chunks == (16, 3, 6, 5)
+        chunk = f["train/images"].id.get_chunk_info(1)  # rows 16..31
+    damaged = bytearray(path.read_bytes())
+    damaged[chunk.byte_offset + 10] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    read_hdf5(path, "train", rows=slice(0, 16))  # other chunks still read
+    with pytest.raises(DataError) as excinfo:
+        read_hdf5(path, "train", rows=slice(16, 32))
+    one_line_error(excinfo, str(path), "read failed")
 
 
 def test_missing_hdf5_file(tmp_path):
@@ -577,3 +598,27 @@ def test_eval_batches_cover_every_sample_once(tiny_split):
             assert x.dtype == np.float32 and len(x) <= 4
             seen.extend(y.tolist())
     assert seen == labels.tolist()
+
+
+def test_image_rows_read_virtual_datasets_by_offset_and_count_bytes(tmp_path, tiny_hdf5, tiny_split):
+    """Rows of a virtual dataset over contiguous sources come straight from the source files."""
+    import h5py
+
+    from hpcdl.data.hdf5 import ImageRows, write_root_attrs
+
+    train_images, train_labels = tiny_split(40, (3, 6, 5), seed=3)
+    layout = h5py.VirtualLayout(shape=(60, 3, 6, 5), dtype=np.uint8)
+    layout[:40] = h5py.VirtualSource(tiny_hdf5.name, "train/images", shape=(40, 3, 6, 5))
+    layout[40:] = h5py.VirtualSource(tiny_hdf5.name, "train/images", shape=(40, 3, 6, 5))[10:30]
+    stitched = tmp_path / "stitched.h5"
+    with h5py.File(stitched, "w") as f:
+        f.create_virtual_dataset("train/images", layout)
+        f["train/labels"] = np.concatenate([train_labels, train_labels[10:30]])
+        f["train/crc32"] = row_checksums(np.concatenate([train_images, train_images[10:30]]))
+        write_root_attrs(f, [f"c{i}" for i in range(TINY_CLASSES)], [0.5] * 3, [0.25] * 3)
+    rows = [59, 0, 41, 42, 43, 39, 40]
+    with ImageRows(stitched, "train") as reader:
+        assert reader.layout == "virtual" and [e.count for e in reader.extents] == [40, 20]
+        np.testing.assert_array_equal(reader.read(rows), train_images[[29, 0, 11, 12, 13, 39, 10]])
+        assert reader.bytes_read == len(rows) * 3 * 6 * 5  # read amplification exactly 1
+        np.testing.assert_array_equal(reader.labels[rows], train_labels[[29, 0, 11, 12, 13, 39, 10]])
