@@ -388,17 +388,45 @@ def pin_threads(threads: int | None = None, *, settle_with_mpi: bool = False) ->
     initialised here (before NumPy) so the node's ranks can compare masks.
     """
     global _current
-    plan = decide(threads)
-    if settle_with_mpi and launcher_world_size() > 1:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            MPI = None
-        if MPI is not None:
-            plan = settle(plan, MPI.COMM_WORLD)
+    comm = _launcher_comm() if settle_with_mpi else None
+    try:
+        plan, error = decide(threads), None
+    except ConfigError as exc:
+        if comm is None:
+            raise
+        plan, error = None, exc
+    if comm is not None:
+        # A bad value on one rank alone must stop every rank: the others would
+        # wait in `settle` forever. So all ranks learn of it, and all raise.
+        _raise_if_any_rank_failed(comm, error)
+        plan = settle(plan, comm)
     plan = apply(plan)
     _current = plan
     return plan.threads
+
+
+def _launcher_comm():
+    """COMM_WORLD when a launcher started several ranks and mpi4py is there (initialises MPI)."""
+    if launcher_world_size() <= 1:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _raise_if_any_rank_failed(comm, error: Exception | None) -> None:
+    failures = [(rank, text) for rank, text in enumerate(comm.allgather(str(error) if error else None)) if text]
+    if not failures:
+        return
+    rank, text = failures[0]
+    if len(failures) < comm.Get_size() or len({t for _, t in failures}) > 1:
+        others = f" (and {len(failures) - 1} other rank(s))" if len(failures) > 1 else ""
+        text = f"rank {rank}: {text}{others}"
+    exc = ConfigError(text)
+    exc.collective = True  # every rank raises it together: rank 0 prints it once
+    raise exc
 
 
 def apply(plan: ThreadPlan) -> ThreadPlan:
