@@ -33,6 +33,7 @@ This module imports nothing heavy at module level: `hpcdl.cli` runs it first.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import socket
@@ -186,6 +187,7 @@ def _parent_affinity() -> frozenset | None:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def sysfs_core_of(cpu: int) -> object:
     """A key shared by the hardware threads of one physical core (the CPU itself if unknown)."""
     for name in ("core_cpus_list", "thread_siblings_list"):
@@ -328,15 +330,17 @@ def _local_source(plan: ThreadPlan, count: int) -> str:
 def _settled_why(threads: int, plan: ThreadPlan, local_rank: int, masks: list[frozenset], core_of) -> str:
     mine = masks[local_rank]
     text = _cores_text(plan.cores, len(mine))
-    others = [m for i, m in enumerate(masks) if i != local_rank]
+    overlapping = [m for i, m in enumerate(masks) if i != local_rank and m & mine]
     source = _local_source(plan, len(masks))
-    if not others:
+    if len(masks) == 1:
         return f"{threads} = {text} in affinity mask / 1 local rank ({source})"
-    if all(m == mine for m in others):
-        return f"{threads} = {text} in affinity mask / {len(masks)} local ranks sharing it ({source})"
-    if all(not (m & mine) for m in others):
+    if not overlapping:
         return (f"{threads} = {text} in this rank's own affinity mask ({len(masks)} local ranks on "
                 f"separate cores, {source})")
+    if all(m == mine for m in overlapping):
+        sharing = len(overlapping) + 1
+        of_all = "" if sharing == len(masks) else f"of {len(masks)} local ranks, "
+        return f"{threads} = {text} in affinity mask / {sharing} local ranks sharing it ({of_all}{source})"
     share = core_share(mine, masks, core_of)
     return (f"{threads} = {share:.3g} of {text} in affinity mask, shared in part with other local ranks "
             f"({len(masks)} local ranks, {source})")

@@ -121,6 +121,70 @@ def test_core_share_counts_each_core_once_per_rank_that_may_run_on_it():
     assert core_share(a, [a, b], lambda c: c) == 3
 
 
+class FakeNode:
+    """The shared-memory communicator of one node whose other ranks have the given masks and settings."""
+
+    def __init__(self, rank: int, others: dict):
+        self.rank, self.others = rank, others
+
+    def Get_rank(self):
+        return self.rank
+
+    def allgather(self, mine):
+        return [mine if r == self.rank else self.others[r] for r in range(len(self.others) + 1)]
+
+    def Free(self):
+        pass
+
+
+class FakeWorld:
+    """COMM_WORLD of one node, seen from `rank`; gather hands back this rank's row and the given ones."""
+
+    def __init__(self, rank: int, others: dict, other_rows=()):
+        self.node, self.other_rows = FakeNode(rank, others), list(other_rows)
+
+    def Get_rank(self):
+        return self.node.rank
+
+    def Split_type(self, split_type, key=0):
+        return self.node
+
+    def gather(self, row, root=0):
+        return [row, *self.other_rows] if self.node.rank == root else None
+
+
+def test_settle_divides_masks_shared_by_ranks_bound_to_one_package():
+    # Open MPI's default for 4 ranks on 2 x 24 cores: two ranks on each package's 24 cores.
+    package0, package1 = "0-23", "24-47"
+    before = plan({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, cpus=range(24), parent=NODE)
+    others = {1: (package0, None), 2: (package1, None), 3: (package1, None)}
+    after = threads.settle(before, FakeWorld(0, others), core_of=lambda c: c, host="n1")
+    assert after.threads == 12
+    assert after.why == ("12 = 24 cores in affinity mask / 2 local ranks sharing it "
+                         "(of 4 local ranks, OMPI_COMM_WORLD_LOCAL_SIZE)")
+    assert [(row.rank, row.cpus, row.threads) for row in after.ranks] == [(0, package0, 12)]
+
+
+def test_settle_keeps_disjoint_masks_whole_and_flags_overlap_and_oversubscription():
+    own = threads.settle(plan({"MPI_LOCALNRANKS": "2"}, cpus=range(24)), FakeWorld(0, {1: ("24-47", None)}),
+                         core_of=lambda c: c, host="n1")
+    assert own.threads == 24 and own.notes == ()
+    assert own.why == "24 = 24 cores in this rank's own affinity mask (2 local ranks on separate cores, MPI_LOCALNRANKS)"
+
+    uneven = threads.settle(plan({"MPI_LOCALNRANKS": "2"}, cpus=range(4)), FakeWorld(0, {1: ("2-5", None)}),
+                            core_of=lambda c: c, host="n1")
+    assert uneven.threads == 3 and uneven.why.startswith("3 = 3 of 4 cores in affinity mask, shared in part")
+    assert uneven.notes == ("n1: local ranks 0 and 1 share some but not all CPUs (0-3 vs 2-5): the binding is uneven",)
+
+    # Rank 1 asked for 48 threads on the 48 cores both ranks share; rank 0 takes the default.
+    crowded = threads.settle(plan({"MPI_LOCALNRANKS": "2"}), FakeWorld(0, {1: ("0-47", 48)}, [
+        RankThreads(1, "n1", 1, "0-47", 48)]), core_of=lambda c: c, host="n1")
+    assert crowded.threads == 24
+    assert crowded.notes[0].startswith("n1: 2 local rank(s) run 72 threads on 48 cores (oversubscribed 1.5x)")
+    assert crowded.notes[1] == ("threads per rank differ: 24 on rank 0, 48 on rank 1; "
+                                "every step waits for the slowest rank")
+
+
 # -- explicit settings win, in order ---------------------------------------------------------
 
 @pytest.mark.parametrize("argument, env, expected, source", [
