@@ -142,14 +142,6 @@ def launcher_local_ranks(env: Mapping[str, str] | None = None) -> tuple[int, str
     return None
 
 
-def _launcher_local_rank(env: Mapping[str, str]) -> int | None:
-    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
-        value = env.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
-
-
 def explicit_threads(threads: int | None = None, env: Mapping[str, str] | None = None) -> tuple[int, str] | None:
     """(count, where it came from) when the user or the batch system named one, else None."""
     env = os.environ if env is None else env
