@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args.what, args.args)
         if args.command == "scaling":
+            from hpcdl.threads import pin_threads
+
+            pin_threads(settle_with_mpi=True)  # it times compute: BLAS must not oversubscribe the node
             from hpcdl.scaling import main as scaling_main
 
             return scaling_main(args.args)
@@ -166,7 +169,7 @@ def _train(args) -> int:
 
     from hpcdl.threads import pin_threads
 
-    threads = pin_threads(config.runtime.threads or None)
+    threads = pin_threads(config.runtime.threads or None, settle_with_mpi=True)
 
     from hpcdl import train
 
@@ -179,15 +182,12 @@ def _train(args) -> int:
 
 
 def _bench(what: str, argv: list[str]) -> int:
-    threads = None
-    for i, arg in enumerate(argv):  # pin before NumPy loads, so BLAS honours it
-        if arg == "--threads" and i + 1 < len(argv) and argv[i + 1].isdigit():
-            threads = int(argv[i + 1])
-        elif arg.startswith("--threads="):
-            threads = int(arg.split("=", 1)[1])
     from hpcdl.threads import pin_threads
 
-    pin_threads(threads or (1 if what == "layers" else None))
+    # Pinned before NumPy loads, so BLAS honours it. `bench optimizer` takes a
+    # list (--threads 1,2,4): Numba's pool must hold the largest.
+    threads = _largest_thread_count(argv)
+    pin_threads(threads or (1 if what == "layers" else None), settle_with_mpi=True)
     if what == "layers":
         from hpcdl.bench.layers import main as bench_main
     elif what == "allreduce":
@@ -197,15 +197,27 @@ def _bench(what: str, argv: list[str]) -> int:
     return bench_main(argv)
 
 
-def _info(args) -> int:
-    from hpcdl import models
+def _largest_thread_count(argv: list[str]) -> int | None:
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--threads"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--threads=")]
+    counts = [int(part) for value in values for part in value.split(",") if part.strip().isdigit()]
+    return max(counts) if counts else None
 
+
+def _info(args) -> int:
     if args.models:
+        from hpcdl import models
+
         print("\n".join(models.names()))
         return 0
+    from hpcdl.threads import pin_threads
+
+    pin_threads(settle_with_mpi=True)  # what `hpcdl train` would choose here, ranks compared under MPI
     from hpcdl.info import collect, format_info
 
-    print(format_info(collect()))
+    info = collect()
+    if info.get("mpi_rank", 0) == 0:
+        print(format_info(info))
     return 0
 
 

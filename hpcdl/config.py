@@ -112,7 +112,9 @@ class CheckpointConfig:
 @dataclass
 class RuntimeConfig:
     device: str = _key("cpu", "cpu (NumPy + Numba) or gpu (CuPy; one device per rank by local rank)", choices=("cpu", "gpu"))
-    threads: int = _key(0, "BLAS/Numba threads per rank; 0 = $OMP_NUM_THREADS, $SLURM_CPUS_PER_TASK, 1 under MPI, else all cores", min=0)
+    threads: int = _key(0, "BLAS/Numba threads per rank; 0 = $OMP_NUM_THREADS, else $SLURM_CPUS_PER_TASK, else the "
+                           "cores in the rank's affinity mask / the local ranks sharing them "
+                           "(docs/threads-and-binding.md)", min=0)
 
 
 @dataclass

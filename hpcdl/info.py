@@ -2,8 +2,11 @@
 
 Everything here is read, never assumed: versions from the imported modules,
 the MPI library's own version string, CUDA-awareness as the MPI library
-reports it, the thread count this rank would use, and the crossover table
-`comm.algorithm = "auto"` would follow.
+reports it, the thread count this rank would use and why, the thread count
+the loaded BLAS and Numba really run with, and the crossover table
+`comm.algorithm = "auto"` would follow. Under MPI, rank 0 prints one screen
+with a row per rank (host, affinity mask, threads): the quickest check of
+a job script's binding.
 """
 from __future__ import annotations
 
@@ -12,27 +15,35 @@ import platform
 
 
 def collect() -> dict:
+    from hpcdl import threads
+
+    plan = threads.current() or threads.decide()  # before NumPy loads, as `hpcdl train` decides it
     import numpy
 
     from hpcdl import __version__, models
-    from hpcdl.threads import default_threads, launcher_world_size
 
     info = {
         "hpcdl": __version__,
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "host": platform.node(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "threads_per_rank_default": default_threads(),
-        "launcher_world_size": launcher_world_size(),
+        "affinity_mask": f"CPUs {threads.format_cpulist(plan.cpus)} ({len(plan.cpus)} CPUs, {plan.cores} cores)",
+        "threads_per_rank": plan.why,
+        "blas": _blas_line(threads.loaded_blas()),
+        "launcher_world_size": threads.launcher_world_size(),
         "models": models.names(),
     }
     try:
         import numba
 
-        info["numba"] = f"{numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads available)"
+        info["numba"] = (f"{numba.__version__} ({numba.get_num_threads()} threads in use, pool of "
+                         f"{numba.config.NUMBA_NUM_THREADS})")
     except ImportError:
         info["numba"] = "not installed (fused CPU kernels unavailable)"
+    if plan.ranks:
+        info["ranks"] = format_rank_table(plan.ranks)
+    if plan.notes:
+        info["warnings"] = "\n".join(plan.notes)
     try:
         import h5py
 
@@ -47,6 +58,7 @@ def collect() -> dict:
         info["mpi4py"] = mpi4py.__version__
         info["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
         info["mpi_world_size"] = MPI.COMM_WORLD.Get_size()
+        info["mpi_rank"] = MPI.COMM_WORLD.Get_rank()
         info["mpi_thread_level"] = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
                                     MPI.THREAD_SERIALIZED: "serialized",
                                     MPI.THREAD_MULTIPLE: "multiple"}.get(MPI.Query_thread(), "?")
@@ -72,6 +84,23 @@ def collect() -> dict:
         info["cupy"] = f"installed, no usable device ({type(exc).__name__}: {exc})"
     info["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
     return info
+
+
+def _blas_line(blas) -> str:
+    if blas is None:
+        return "not found among the loaded libraries (thread count set through the environment only)"
+    return f"{blas.name}, {blas.threads()} threads ({os.path.basename(blas.path)})"
+
+
+def format_rank_table(rows, limit: int = 64) -> str:
+    """One line per rank: where it runs, on which CPUs, with how many threads."""
+    header = ("rank", "host", "local", "cpus", "threads")
+    table = [header] + [(str(r.rank), r.host, str(r.local_rank), r.cpus, str(r.threads)) for r in rows[:limit]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    if len(rows) > limit:
+        lines.append(f"... and {len(rows) - limit} more ranks")
+    return "\n".join(lines)
 
 
 def format_info(info: dict) -> str:

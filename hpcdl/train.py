@@ -462,6 +462,12 @@ def _banner(r: Run, threads, resume_path) -> str:
         f"{config.train.accumulate_steps} accumulation; {r.steps_per_epoch} steps/epoch, {r.total_steps} steps",
         f"hpcdl: {config.optim.name}: {r.schedule.describe()}",
     ]
+    from hpcdl.threads import current as thread_plan
+
+    plan = thread_plan()
+    if plan is not None:  # how the count was chosen, and what looks wrong about it on any rank
+        lines.append(f"hpcdl: threads {plan.why}")
+        lines.extend(f"hpcdl: warning: {note}" for note in plan.notes)
     if resume_path:
         lines.append(f"hpcdl: resuming from {resume_path}")
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Relaunch loop shared by restart_mpirun.sh and restart_srun.sh; sourced, not run.
 #
 # The front end defines `launch NP COMMAND...` (start COMMAND on NP ranks)
@@ -8,6 +9,9 @@
 #   NP_SEQUENCE    --np "4 2 1"       ranks per attempt; the last entry repeats
 #   RESTART_DELAY  --delay SECONDS    pause before a relaunch (default 10)
 #   RESTART_LOG    --log FILE         also append the attempt log to FILE
+#
+# DRY_RUN=1: the front end's `launch` prints the first attempt's launch line
+# instead of running it, and the loop stops there.
 #
 # Every attempt runs with `--resume auto` (an explicit `--resume PATH` is kept
 # for the first attempt only: later ones must start from the newest
@@ -119,6 +123,10 @@ restart_main() {
             break
         done
         CHILD=""
+        if [[ "${DRY_RUN:-0}" == 1 ]]; then
+            log "dry run: the launch line above was printed, nothing ran"
+            return "$rc"
+        fi
         log "attempt $attempt/$attempts exited with code $rc after $((SECONDS - started)) s"
         if ((rc == 0)); then
             log "finished"
