@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -144,12 +146,10 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
     Collective: call it on every rank of `comm` (default: COMM_WORLD under
     a launcher).
     """
-    from hpcdl.data.imagefolder import DecodePool
-    from hpcdl.data.shards import StaleShard, shard_dir, verify_shard, write_shard
-
     comm = comm or _world()
-    rank, ranks = comm.Get_rank(), comm.Get_size()
-    warn = warn or (lambda message: _stderr(f"hpcdl: warning: {message}"))
+    ranks = comm.Get_size()
+    if warn is None:
+        warn = lambda message: _stderr(f"hpcdl: warning: {message}")  # noqa: E731
     started = time.perf_counter()
     plan = _bcast_or_raise(comm, lambda: _prepare(root, out, short_side, size, resize, val_root, val_csv, val_dir,
                                                   test_fraction, mode, seed, shard_images, restart, workers))
@@ -160,6 +160,41 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
         # Shards from ranks with other decoders would differ from one another: refuse up front.
         guard.check_consistency(comm, {"decoder": json.dumps(decoder_versions(), sort_keys=True),
                                        "hpcdl": __version__})
+    with _abort_all_on_user_error(comm):
+        done = _reuse_finished_shards(comm, plan, out, log)
+        stats = _convert_remaining_shards(comm, plan, out, done, shard_images, workers, log, warn)
+    stats["wall"] = time.perf_counter() - started
+    per_rank = comm.gather(stats, root=0)
+    return _bcast_or_raise(comm, lambda: _finish(out, plan, done, per_rank, started, log, warn))
+
+
+# A rank that writes its last line and calls MPI_Abort at once can lose that
+# line: hydra's proxy may tear down before it forwards the rank's stderr
+# (seen about once in ten runs here). A moment's pause lets it through.
+_LAUNCHER_FLUSH_S = 0.5
+
+
+@contextmanager
+def _abort_all_on_user_error(comm):
+    """An error only this rank sees (its shard cannot be written) stops every rank now, with the reason."""
+    try:
+        yield
+    except UserError as exc:
+        if comm.Get_size() > 1:
+            line = (f"hpcdl: rank {comm.Get_rank()}/{comm.Get_size()} on {socket.gethostname()}: "
+                    f"{' '.join(str(exc).split())} — aborting all ranks\n")
+            sys.stdout.flush()
+            os.write(2, line.encode("utf-8", "replace"))
+            time.sleep(_LAUNCHER_FLUSH_S)
+            comm.Abort(exc.exit_code)
+        raise
+
+
+def _reuse_finished_shards(comm, plan: _Plan, out, log) -> set[str]:
+    """Names of the shards an earlier run finished that check out; the ranks share the checking."""
+    from hpcdl.data.shards import StaleShard, shard_dir, verify_shard
+
+    rank, ranks = comm.Get_rank(), comm.Get_size()
     directory = shard_dir(out)
     if rank == 0:
         if plan.reset:
@@ -167,17 +202,25 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
         if plan.existing:
             log(f"resuming: checking {len(plan.existing)} existing shard(s) in {directory}")
     existing = set(plan.existing)
-    to_check = [s for s in plan.specs if s.name in existing][rank::ranks]
     verified = []
-    for spec in to_check:
+    for spec in [s for s in plan.specs if s.name in existing][rank::ranks]:
         try:
             verify_shard(directory, spec, plan.geometry)
             verified.append(spec.name)
         except StaleShard as exc:
             log(f"{directory / spec.name}: {exc}; converting it again")
-    done = {name for names in comm.allgather(verified) for name in names}
+    return {name for names in comm.allgather(verified) for name in names}
+
+
+def _convert_remaining_shards(comm, plan: _Plan, out, done: set, shard_images: int, workers: int, log,
+                              warn) -> dict:
+    """Convert this rank's share of the shards not yet done; returns its statistics."""
+    from hpcdl.data.imagefolder import DecodePool
+    from hpcdl.data.shards import shard_dir, write_shard
+
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    directory = shard_dir(out)
     remaining = [s for s in plan.specs if s.name not in done]
-    mine = remaining[rank::ranks]
     if rank == 0:
         reused = f", {len(done)} reused" if done else ""
         log(f"{len(plan.specs)} shards of ≤ {shard_images:,} images{reused}; "
@@ -190,7 +233,7 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
              "convert_wall": 0.0}
     who = f"rank {rank}/{ranks}: " if ranks > 1 else ""
     with DecodePool(workers) as pool:
-        for spec in mine:
+        for spec in remaining[rank::ranks]:
             info = write_shard(directory, spec, plan.splits[spec.split], plan.geometry, plan.class_names,
                                plan.short_side, pool, warn=warn, halfway=halfway(spec))
             seconds = info.seconds
@@ -203,9 +246,7 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
             skipped = f" ({len(info.skipped)} skipped)" if info.skipped else ""
             log(f"{who}{spec.name}: {info.rows:,} images{skipped} in {seconds['wall']:.1f} s, "
                 f"{spec.planned / max(seconds['wall'], 1e-9):,.0f} files/s")
-    stats["wall"] = time.perf_counter() - started
-    per_rank = comm.gather(stats, root=0)
-    return _bcast_or_raise(comm, lambda: _finish(out, plan, done, per_rank, started, log, warn))
+    return stats
 
 
 def _bcast_or_raise(comm, work: Callable):
