@@ -495,7 +495,11 @@ keep (move, copy) the two together.
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hpcdl data convert", description="Build an hpcdl HDF5 dataset file.")
+    parser = _Parser(prog="hpcdl data convert", description="Build an hpcdl HDF5 dataset file.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="examples:\n  Fashion-MNIST from Debian's package:\n"
+                            "    hpcdl data convert idx --data-dir /usr/share/datasets/fashion-mnist --out fmnist.h5\n"
+                            + FOLDER_EXAMPLES.replace("examples:\n", "", 1))
     sub = parser.add_subparsers(dest="source", required=True, parser_class=_Parser)
     idx = sub.add_parser("idx", help="Fashion-MNIST/MNIST IDX files -> HDF5")
     idx.add_argument("--data-dir", help="directory with the four IDX files (default: search like `hpcdl train`)")
@@ -513,10 +517,10 @@ def _parser() -> argparse.ArgumentParser:
     folder = sub.add_parser(
         "folder", help="one-subfolder-per-class image tree -> sharded HDF5 (the ImageNet path), under MPI",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FOLDER_EXAMPLES,
-        description="Convert ROOT/<class>/<image> (JPEG, PNG, ...; labels = sorted folder names) into an hpcdl "
-                    "HDF5 file. Under mpiexec/srun the shards are spread over the ranks. Unusable files are "
-                    "skipped with a warning naming each; CMYK, grayscale, palette, alpha and 16-bit images "
-                    "are converted to RGB.")
+        description="Convert ROOT/<class>/<image> (JPEG, PNG, ...; labels = sorted folder names) into an hpcdl\n"
+                    "HDF5 file. Under mpiexec or srun the shards are spread over the ranks. Unusable files are\n"
+                    "skipped with a warning naming each; CMYK, grayscale, palette, alpha and 16-bit images\n"
+                    "are converted to RGB. See docs/convert.md.")
     folder.add_argument("--root", required=True, help="training tree: ROOT/<class>/<image>, at any depth")
     folder.add_argument("--out", required=True, help="HDF5 file to write; its shards go to OUT.shards/")
     size = folder.add_mutually_exclusive_group()
