@@ -309,6 +309,28 @@ def test_png_named_jpeg_is_read_by_its_content(tmp_path):
     np.testing.assert_array_equal(stored(out)["a/actually_png.JPEG"][1], rgb.transpose(2, 0, 1))
 
 
+def test_float_tiff_and_non_utf8_file_names_are_kept(tmp_path):
+    from PIL import Image
+
+    values = np.linspace(-20, 300, 64, dtype=np.float32).reshape(8, 8)
+    name = os.fsdecode(b"caf\xe9.tif")  # Latin-1 bytes: not UTF-8
+    out, counts, warnings = convert_small(tmp_path, {f"a/{name}": lambda p: Image.fromarray(values, "F").save(p)})
+    assert not warnings and counts["source_modes"]["F"] == 1
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        assert b"a/caf\xe9.tif" in list(f["train/files"][...])
+    row = read_hdf5(out, "train")[0][list(stored_names(out)).index(f"a/{name}")]
+    np.testing.assert_array_equal(row, np.repeat(np.clip(values, 0, 255).astype(np.uint8)[None], 3, 0))
+
+
+def stored_names(path, split="train"):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return [os.fsdecode(n) for n in f[f"{split}/files"][...]]
+
+
 def test_class_folder_whose_every_image_is_unusable_is_an_error_naming_it(tmp_path):
     root = tree(tmp_path / "tree", {"a/ok.png": png(GOOD), "b/x.jpg": lambda p: p.write_text("no"),
                                     "b/y.png": lambda p: p.write_bytes(b"\x89PNG\r\n")})

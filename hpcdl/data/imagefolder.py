@@ -296,6 +296,8 @@ def decode(path, geometry: Geometry) -> Decoded:
         raise BadImage(f"too large to decode safely ({exc})") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image Pillow can identify") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise BadImage(f"cannot read: {exc.strerror}") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
         # What Pillow's decoders raise on damaged data: "image file is truncated", "broken data stream", ...
         raise BadImage(f"cannot decode: {_one_line(exc)}") from None
@@ -317,17 +319,19 @@ def to_mode(image, mode: str):
 
     Pillow's own convert("RGB") drops alpha and shows whatever colour the
     transparent pixels happen to hold (often black, sometimes noise), so an
-    image with transparency is composited onto white first. 16-bit and
-    32-bit integer grayscale keep their high byte, which is what Pillow does
-    for 16-bit RGB PNGs; CMYK, YCbCr, LAB, HSV and 1-bit use Pillow's
-    conversions (no ICC colour management).
+    image with transparency is composited onto white first. Integer
+    grayscale (16-bit PNG and TIFF: modes I;16 and I) keeps the high byte of
+    each 16-bit value, which is what Pillow itself does with 16-bit RGB PNGs;
+    float (F) is clipped to 0..255; CMYK, YCbCr, LAB, HSV and 1-bit use
+    Pillow's conversions (no ICC colour management).
     """
     from PIL import Image
 
-    if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image)
-        scale = 256.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I"):
+        high_byte = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8)
+        image = Image.fromarray(high_byte, "L")
+    elif image.mode == "F":
+        image = image.convert("L")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode in ("P", "L", "RGB")
                                                            and "transparency" in image.info):
         rgba = image.convert("RGBA")

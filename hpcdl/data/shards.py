@@ -315,8 +315,7 @@ def _write_shard_metadata(f, spec: ShardSpec, rows: int, labels, crc32, source_i
     group["crc32"] = crc32
     group["histogram"] = histogram
     group["source_index"] = source_index
-    group.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(len(skipped), 2),
-                         dtype=_str_dtype())
+    group.create_dataset("skipped", data=_text_array(skipped).reshape(len(skipped), 2), dtype=_str_dtype())
     mean, std = _shard_stats(histogram)
     write_root_attrs(f, class_names, mean, std, short_side)
     f.attrs[SHARD_ATTR] = json.dumps({
@@ -331,6 +330,13 @@ def _str_dtype():
     import h5py
 
     return h5py.string_dtype("utf-8")
+
+
+def _text_array(items) -> np.ndarray:
+    """Strings as UTF-8 bytes for h5py; a file name that is not valid UTF-8 keeps its bytes (surrogateescape)."""
+    flat = [str(t).encode("utf-8", "surrogateescape") for row in items
+            for t in (row if isinstance(row, tuple) else (row,))]
+    return np.array(flat, dtype=object)
 
 
 # -- read back, verify --------------------------------------------------------------------------
@@ -457,10 +463,9 @@ def stitch(out: Path, infos: Sequence[ShardInfo], splits: dict[str, ImageList], 
                 group["labels"] = np.concatenate([i.labels for i in parts] or [np.zeros(0, np.int64)])
                 group["crc32"] = np.concatenate([i.crc32 for i in parts] or [np.zeros(0, np.uint32)])
                 all_paths = images.paths()
-                group.create_dataset("files", data=np.array([all_paths[k] for k in index], dtype=object),
-                                     dtype=_str_dtype())
+                group.create_dataset("files", data=_text_array([all_paths[k] for k in index]), dtype=_str_dtype())
                 skipped = [row for i in parts for row in i.skipped]
-                group.create_dataset("skipped", data=np.array(skipped, dtype=object).reshape(len(skipped), 2),
+                group.create_dataset("skipped", data=_text_array(skipped).reshape(len(skipped), 2),
                                      dtype=_str_dtype())
                 counts[split] = total
             write_root_attrs(f, class_names, mean, std, short_side)
