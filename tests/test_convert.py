@@ -464,6 +464,15 @@ def test_a_rank_that_cannot_write_stops_every_rank_quickly_naming_the_file(mixed
     assert not out.exists()
 
 
+@pytest.mark.mpi
+def test_an_error_found_while_listing_on_another_rank_is_printed_once(tmp_path):
+    root = tree(tmp_path / "tree", {"a/ok.png": png(GOOD), "b/notes.txt": lambda p: p.write_text("x")})
+    proc, seconds = mpiexec(2, ["--root", root, "--short-side", 8, "--out", tmp_path / "out.h5"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("no image files") == 1 and "aborting" not in proc.stderr  # rank 1 listed b/
+    assert f"hpcdl: error: {root / 'b'}: class folder has no image files" in proc.stderr
+
+
 def copy_conversion(reference: Path, target_dir: Path) -> Path:
     target_dir.mkdir()
     shutil.copytree(shard_dir(reference), shard_dir(target_dir / reference.name))

@@ -151,8 +151,10 @@ def convert_folder(root, out, *, short_side: int | None = None, size: int | None
     if warn is None:
         warn = lambda message: _stderr(f"hpcdl: warning: {message}")  # noqa: E731
     started = time.perf_counter()
-    plan = _bcast_or_raise(comm, lambda: _prepare(root, out, short_side, size, resize, val_root, val_csv, val_dir,
-                                                  test_fraction, mode, seed, shard_images, restart, workers))
+    request = _bcast_or_raise(comm, lambda: _check_request(root, out, short_side, size, resize, val_root, val_csv,
+                                                           val_dir, test_fraction, mode, shard_images, workers))
+    listings = _list_class_folders(comm, request)
+    plan = _bcast_or_raise(comm, lambda: _make_plan(request, listings, seed, shard_images, restart))
     if ranks > 1:
         from hpcdl import __version__, guard
         from hpcdl.data.imagefolder import decoder_versions
@@ -284,12 +286,26 @@ def _geometry(short_side, size, resize, mode):
     return geometry, stored_short_side
 
 
-def _prepare(root, out, short_side, size, resize, val_root, val_csv, val_dir, test_fraction, mode, seed,
-             shard_images, restart, workers) -> _Plan:
-    """Rank 0: check the arguments, list the files, fix the order and the shards, check the manifest."""
-    from hpcdl import __version__
-    from hpcdl.data import shards
-    from hpcdl.data.imagefolder import decoder_versions, list_class_folders, read_label_csv, split_holdout
+@dataclass
+class _Request:
+    """The checked arguments, and the class folders to list."""
+
+    out: Path
+    root: Path
+    geometry: object
+    short_side: int
+    test_fraction: float
+    val_root: Path | None
+    val_csv: Path | None
+    val_dir: Path | None
+    class_names: list[str]
+    val_folders: list[str]
+
+
+def _check_request(root, out, short_side, size, resize, val_root, val_csv, val_dir, test_fraction, mode,
+                   shard_images, workers) -> _Request:
+    """Rank 0: every argument checked, and the class folders of the trees (one listing each)."""
+    from hpcdl.data.imagefolder import class_folders
 
     geometry, stored_short_side = _geometry(short_side, size, resize, mode)
     if shard_images < 1:
@@ -310,37 +326,75 @@ def _prepare(root, out, short_side, size, resize, val_root, val_csv, val_dir, te
         raise DataError(f"{out}: directory {out.parent} does not exist")
     if out.is_dir():
         raise DataError(f"{out}: is a directory; --out names the HDF5 file to write")
+    class_names = class_folders(root)
+    val_folders = class_folders(val_root, class_names) if val_root else []
+    return _Request(out, Path(root), geometry, stored_short_side, test_fraction, val_root and Path(val_root),
+                    val_csv and Path(val_csv), val_csv and Path(val_dir or Path(val_csv).parent), class_names,
+                    val_folders)
 
-    root = Path(root)
-    class_names, train, ignored = list_class_folders(root)
+
+def _list_class_folders(comm, request: _Request) -> list | None:
+    """Every rank walks a share of the class folders (a metadata load a parallel file system spreads);
+    rank 0 receives them all, in class order, as (tree, listing or DataError)."""
+    from hpcdl.data.imagefolder import list_class_folder
+
+    folders = [(0, name) for name in request.class_names] + [(1, name) for name in request.val_folders]
+    mine = []
+    for index in range(comm.Get_rank(), len(folders), comm.Get_size()):
+        tree, name = folders[index]
+        try:
+            mine.append((index, tree, list_class_folder(request.val_root if tree else request.root, name)))
+        except DataError as exc:
+            mine.append((index, tree, exc))
+    gathered = comm.gather(mine, root=0)
+    if gathered is None:
+        return None
+    return [(tree, listing) for _, tree, listing in sorted((item for part in gathered for item in part),
+                                                            key=lambda item: item[0])]
+
+
+def _make_plan(request: _Request, listings: list, seed: int, shard_images: int, restart: bool) -> _Plan:
+    """Rank 0: the files of each split in stored order, the shards, and the manifest check."""
+    from hpcdl import __version__
+    from hpcdl.data import shards
+    from hpcdl.data.imagefolder import decoder_versions, join_listings, read_label_csv, split_holdout
+
+    for _, listing in listings:
+        if isinstance(listing, DataError):
+            raise listing
+    class_names, root = request.class_names, request.root
+    train, ignored = join_listings(root, [listing for tree, listing in listings if tree == 0], class_names)
     unlisted = 0
     folder_of = {"train": root}
-    if val_root:
-        _, test, ignored_val = list_class_folders(Path(val_root), class_names)
+    if request.val_root:
+        test, ignored_val = join_listings(request.val_root, [listing for tree, listing in listings if tree == 1],
+                                          class_names)
         ignored += ignored_val
-        folder_of["test"] = Path(val_root)
+        folder_of["test"] = request.val_root
         validation = "folders"
-    elif val_csv:
-        test, unlisted = read_label_csv(val_csv, val_dir or Path(val_csv).parent, class_names)
+    elif request.val_csv:
+        test, unlisted = read_label_csv(request.val_csv, request.val_dir, class_names)
         folder_of["test"] = None
         validation = "csv"
     else:
-        held = split_holdout(train.labels, test_fraction, seed)
+        held = split_holdout(train.labels, request.test_fraction, seed)
         test = train.take(np.flatnonzero(held))
         train = train.take(np.flatnonzero(~held))
         folder_of["test"] = root
-        validation = f"holdout {test_fraction}"
+        validation = f"holdout {request.test_fraction}"
     rng = np.random.default_rng((seed, 1))
     # Shuffled once, so that any contiguous block of rows (a shard, a quick subset) mixes the classes.
     splits = {"train": train.take(rng.permutation(len(train))), "test": test.take(rng.permutation(len(test)))}
 
-    arguments = {"size": geometry.size, "resize": geometry.resize, "short_side": stored_short_side,
+    geometry = request.geometry
+    arguments = {"size": geometry.size, "resize": geometry.resize, "short_side": request.short_side,
                  "mode": geometry.mode, "seed": int(seed), "shard_images": int(shard_images),
                  "validation": validation}
     core = {"arguments": arguments, "decoder": decoder_versions(), "class_names": class_names}
     specs = shards.plan_shards(splits, core, shard_images)
     manifest = dict(core, files={split: {"count": len(images), "sha256": shards.file_list_digest(images)}
                                  for split, images in splits.items()})
+    out = request.out
     directory = shards.shard_dir(out)
     reset = shards.remove_conversion_files(directory) if restart else 0
     directory.mkdir(exist_ok=True)
@@ -355,11 +409,12 @@ def _prepare(root, out, short_side, size, resize, val_root, val_csv, val_dir, te
         shards.write_manifest(directory, manifest)
     shards.remove_partial_files(directory)
     existing = sorted(p.name for p in directory.iterdir() if p.name.endswith(".h5"))
+    val_source = request.val_root or request.val_csv
     conversion = {"tool": "hpcdl data convert folder", "hpcdl": __version__, **core,
-                  "root": str(root.resolve()), "val": str(Path(val_root or val_csv).resolve()) if
-                  (val_root or val_csv) else None, "shards": directory.name}
+                  "root": str(root.resolve()), "val": str(val_source.resolve()) if val_source else None,
+                  "shards": directory.name}
     conversion.pop("class_names")  # the root attribute class_names holds them already
-    return _Plan(class_names, splits, specs, existing, geometry, stored_short_side, conversion, ignored, unlisted,
+    return _Plan(class_names, splits, specs, existing, geometry, request.short_side, conversion, ignored, unlisted,
                  folder_of, reset)
 
 

@@ -118,6 +118,58 @@ def _walk_images(folder: Path) -> tuple[list[str], list[int], list[int], int]:
     return [paths[i] for i in order], [sizes[i] for i in order], [mtimes[i] for i in order], ignored
 
 
+def class_folders(root, class_names: Sequence[str] | None = None) -> list[str]:
+    """The sorted class subfolders of ROOT; with `class_names` (a validation tree) each must be one of them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory")
+    try:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list: {exc.strerror or exc}") from None
+    if class_names is None and not found:
+        raise DataError(f"{root}: no class subfolders (expected one subfolder of images per class)")
+    if class_names is not None:
+        known = set(class_names)
+        unknown = [name for name in found if name not in known]
+        if unknown:
+            raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])} not among the "
+                            f"{len(class_names)} training classes")
+    return found
+
+
+@dataclass
+class FolderListing:
+    """The image files of one class folder: paths relative to it, sizes, mtimes; non-images ignored."""
+
+    name: str
+    paths: list[str]
+    sizes: list[int]
+    mtimes: list[int]
+    ignored: int
+
+
+def list_class_folder(root, name: str) -> FolderListing:
+    """ROOT/NAME's image files at any depth, or an error naming the folder when it has none."""
+    rel, sizes, mtimes, ignored = _walk_images(Path(root) / name)
+    if not rel:
+        raise DataError(f"{Path(root) / name}: class folder has no image files "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return FolderListing(name, rel, sizes, mtimes, ignored)
+
+
+def join_listings(root, listings: Sequence[FolderListing], class_names: Sequence[str]) -> tuple[ImageList, int]:
+    """One ImageList (labels from `class_names`) of class-folder listings, and the ignored-file count."""
+    label_of = {name: i for i, name in enumerate(class_names)}
+    paths, labels, sizes, mtimes = [], [], [], []
+    for listing in listings:
+        paths += [f"{listing.name}/{r}" for r in listing.paths]
+        labels += [label_of[listing.name]] * len(listing.paths)
+        sizes += listing.sizes
+        mtimes += listing.mtimes
+    return ImageList.build(root, paths, labels, sizes, mtimes), sum(listing.ignored for listing in listings)
+
+
 def list_class_folders(root, class_names: Sequence[str] | None = None) -> tuple[list[str], ImageList, int]:
     """(class names, the images with their labels, ignored non-image files) of ROOT/<class>/... .
 
@@ -125,32 +177,10 @@ def list_class_folders(root, class_names: Sequence[str] | None = None) -> tuple[
     them (a validation tree), every subfolder must be one of them. A class
     folder without a single image file is an error naming it.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such directory")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if class_names is None:
-        if not found:
-            raise DataError(f"{root}: no class subfolders (expected one subfolder of images per class)")
-        class_names = found
-    else:
-        unknown = [name for name in found if name not in set(class_names)]
-        if unknown:
-            raise DataError(f"{root}: class folder(s) {', '.join(unknown[:5])} not among the "
-                            f"{len(class_names)} training classes")
-    label_of = {name: i for i, name in enumerate(class_names)}
-    paths, labels, sizes, mtimes, ignored = [], [], [], [], 0
-    for name in found:
-        rel, size, mtime, skipped = _walk_images(root / name)
-        if not rel:
-            raise DataError(f"{root / name}: class folder has no image files "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        paths += [f"{name}/{r}" for r in rel]
-        labels += [label_of[name]] * len(rel)
-        sizes += size
-        mtimes += mtime
-        ignored += skipped
-    return list(class_names), ImageList.build(root, paths, labels, sizes, mtimes), ignored
+    found = class_folders(root, class_names)
+    names = found if class_names is None else list(class_names)
+    images, ignored = join_listings(root, [list_class_folder(root, name) for name in found], names)
+    return names, images, ignored
 
 
 def read_label_csv(csv_path, image_dir, class_names: Sequence[str]) -> tuple[ImageList, int]:
