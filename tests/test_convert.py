@@ -517,9 +517,12 @@ def test_changed_arguments_are_refused_until_restart(mixed_tree, tmp_path):
         convert_folder(base / "train", out, short_side=40, val_root=base / "val", shard_images=MIXED_TREE_SHARD,
                        log=quiet, warn=quiet)
     one_line_error(excinfo, "manifest.json", "short_side was 32, now 40", "size was 32, now 40", "--restart")
+    shutil.copy(reference, out)
+    lines = []
     counts = convert_folder(base / "train", out, short_side=40, val_root=base / "val",
-                            shard_images=MIXED_TREE_SHARD, restart=True, log=quiet, warn=quiet)
+                            shard_images=MIXED_TREE_SHARD, restart=True, log=lines.append, warn=quiet)
     assert counts["reused"] == 0 and counts["shape"] == (3, 40, 40)
+    assert any("--restart: removed 10 files" in line for line in lines), lines  # 8 shards, manifest, output
 
 
 def test_a_damaged_shard_is_found_and_converted_again(mixed_tree, tmp_path):

@@ -396,7 +396,12 @@ def _make_plan(request: _Request, listings: list, seed: int, shard_images: int, 
                                  for split, images in splits.items()})
     out = request.out
     directory = shards.shard_dir(out)
-    reset = shards.remove_conversion_files(directory) if restart else 0
+    reset = 0
+    if restart:
+        reset = shards.remove_conversion_files(directory)
+        if out.is_file():  # it reads its pixels from the shards just removed
+            out.unlink()
+            reset += 1
     directory.mkdir(exist_ok=True)
     old = shards.read_manifest(directory)
     if old is not None:
