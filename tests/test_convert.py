@@ -373,6 +373,8 @@ def test_validation_labels_from_a_csv_by_class_name_or_index(tmp_path):
     ("v0.png,dog\nv1.png,cat\nv0.png,cat\n", 3, "v0.png is listed again (first on line 1)"),
     ("v0.png,dog,extra\n", 1, "expected 2 fields"),
     ("v0.png,dog\n../train/cat/a.png,cat\n", 2, "must be a path relative to"),
+    ("v0.png,dog\nsub/../../train/cat/a.png,cat\n", 2, "must be a path relative to"),
+    ("v0.png,dog\n./v0.png,cat\n", 2, "is listed again (first on line 1)"),
 ])
 def test_validation_csv_errors_name_the_csv_and_the_line(tmp_path, lines, line, fragment):
     root = tree(tmp_path / "train", {"cat/a.png": png(GOOD), "dog/b.png": png(GOOD)})

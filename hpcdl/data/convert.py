@@ -413,7 +413,7 @@ def _make_plan(request: _Request, listings: list, seed: int, shard_images: int, 
     else:
         shards.write_manifest(directory, manifest)
     shards.remove_partial_files(directory)
-    existing = sorted(p.name for p in directory.iterdir() if p.name.endswith(".h5"))
+    existing = shards.shard_files(directory)
     val_source = request.val_root or request.val_csv
     conversion = {"tool": "hpcdl data convert folder", "hpcdl": __version__, **core,
                   "root": str(root.resolve()), "val": str(val_source.resolve()) if val_source else None,

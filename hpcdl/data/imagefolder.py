@@ -67,17 +67,11 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def path(self, i: int) -> str:
-        return self._joined[self._starts[i]:self._starts[i + 1] - 1]
-
     def paths(self, start: int = 0, stop: int | None = None) -> list[str]:
         stop = len(self) if stop is None else stop
         if stop <= start:
             return []
         return self._joined[self._starts[start]:self._starts[stop] - 1].split("\0")
-
-    def full_path(self, i: int) -> str:
-        return os.path.join(self.base, self.path(i))
 
     def take(self, order: np.ndarray) -> "ImageList":
         """The entries at `order`, in that order."""
@@ -189,9 +183,8 @@ def read_label_csv(csv_path, image_dir, class_names: Sequence[str]) -> tuple[Ima
     `file` is relative to `image_dir`; `label` is a class name or an index
     into `class_names` (a name wins where both would match). A first line
     whose label is neither and whose file does not exist, such as
-    `file,label`, is a header. Blank lines
-    and lines starting with # are skipped. Any other problem is a one-line
-    error naming the CSV and the line.
+    `file,label`, is a header. Blank lines and lines starting with # are
+    skipped. Any other problem is a one-line error naming the CSV and the line.
     """
     csv_path, image_dir = Path(csv_path), Path(image_dir)
     if not csv_path.is_file():
@@ -221,8 +214,8 @@ def read_label_csv(csv_path, image_dir, class_names: Sequence[str]) -> tuple[Ima
                     hint = f" (did you mean {close[0]}?)" if close else ""
                     raise DataError(f"{where}: unknown class {label_text!r}{hint}; labels are class names "
                                     f"or indices 0..{len(class_names) - 1}")
-                rel = Path(name).as_posix()
-                if Path(name).is_absolute() or rel.startswith("../") or rel == "..":
+                rel = Path(os.path.normpath(name)).as_posix()
+                if os.path.isabs(rel) or rel == ".." or rel.startswith("../"):
                     raise DataError(f"{where}: {name!r} must be a path relative to {image_dir}")
                 if rel in first_line:
                     raise DataError(f"{where}: {name} is listed again (first on line {first_line[rel]})")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -177,29 +178,32 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     return problems
 
 
+_SHARD_FILE = re.compile(r"^(train|test)-\d{5,}\.h5$")
+_PARTIAL_FILE = re.compile(r"^\.(train|test)-\d{5,}\.h5\.(part|compact)$")
+
+
+def shard_files(directory: Path) -> list[str]:
+    """Names of the (complete) shard files in `directory`, sorted."""
+    return sorted(p.name for p in directory.iterdir() if _SHARD_FILE.match(p.name) and p.is_file())
+
+
 def remove_conversion_files(directory: Path) -> int:
     """Delete what a conversion wrote into `directory` (never anything else); returns the count."""
-    removed = 0
     if not directory.is_dir():
         return 0
-    for entry in directory.iterdir():
-        name = entry.name
-        ours = name == MANIFEST_NAME or (name.endswith(".h5") and name.split("-")[0] in ("train", "test")) \
-            or (name.startswith(".") and (name.endswith(".part") or name.endswith(".compact")))
-        if ours and entry.is_file():
-            entry.unlink()
-            removed += 1
-    return removed
+    ours = [p for p in directory.iterdir() if p.is_file() and (p.name == MANIFEST_NAME or _SHARD_FILE.match(p.name)
+                                                                or _PARTIAL_FILE.match(p.name))]
+    for path in ours:
+        path.unlink()
+    return len(ours)
 
 
 def remove_partial_files(directory: Path) -> int:
     """Delete the temporary files of shards a killed conversion was writing."""
-    removed = 0
-    for entry in directory.glob(".*.h5.*"):
-        if entry.suffix in (".part", ".compact") and entry.is_file():
-            entry.unlink()
-            removed += 1
-    return removed
+    partial = [p for p in directory.iterdir() if _PARTIAL_FILE.match(p.name) and p.is_file()]
+    for path in partial:
+        path.unlink()
+    return len(partial)
 
 
 # -- write --------------------------------------------------------------------------------------
@@ -210,6 +214,53 @@ def _crc(array: np.ndarray) -> int:
 
 def _text_crc(rows: Sequence[tuple[str, str]]) -> int:
     return zlib.crc32("\n".join(f"{a}\t{b}" for a, b in rows).encode("utf-8", "surrogateescape"))
+
+
+class _ShardRecord:
+    """What a shard being written holds besides its pixels, filled row by row."""
+
+    def __init__(self, spec: ShardSpec, channels: int):
+        self.spec = spec
+        self.rows = 0
+        self.labels = np.empty(spec.planned, np.int64)
+        self.crc32 = np.empty(spec.planned, np.uint32)
+        self.source_index = np.empty(spec.planned, np.int64)
+        self.histogram = np.zeros((channels, 256), np.int64)
+        self.skipped: list[tuple[str, str]] = []
+        self.modes: dict[str, int] = {}
+        self.seconds = {"decode": 0.0, "resize": 0.0, "write": 0.0}
+
+    def add(self, result: Decoded, label: int, index: int) -> None:
+        self.labels[self.rows], self.crc32[self.rows], self.source_index[self.rows] = label, result.crc32, index
+        self.rows += 1
+        self.histogram += result.histogram
+        self.modes[result.source_mode] = self.modes.get(result.source_mode, 0) + 1
+        self.seconds["decode"] += result.decode_s
+        self.seconds["resize"] += result.resize_s
+
+    def info(self) -> ShardInfo:
+        n = self.rows
+        return ShardInfo(self.spec, n, self.labels[:n], self.crc32[:n], self.histogram, self.source_index[:n],
+                         self.skipped, self.modes, self.seconds)
+
+    def write(self, f, class_names: Sequence[str], short_side: int) -> None:
+        """The small datasets and the attributes, into the shard file `f` whose images are written."""
+        info = self.info()
+        group = f[self.spec.split]
+        group["labels"] = info.labels
+        group["crc32"] = info.crc32
+        group["histogram"] = info.histogram
+        group["source_index"] = info.source_index
+        group.create_dataset("skipped", data=_text_array(info.skipped).reshape(len(info.skipped), 2),
+                             dtype=_str_dtype())
+        mean, std = _shard_stats(info.histogram)
+        write_root_attrs(f, class_names, mean, std, short_side)
+        f.attrs[SHARD_ATTR] = json.dumps({
+            "fingerprint": self.spec.fingerprint, "split": self.spec.split, "index": self.spec.index,
+            "planned": self.spec.planned, "rows": info.rows, "source_modes": dict(sorted(info.source_modes.items())),
+            "crc32": {"labels": _crc(info.labels), "crc32": _crc(info.crc32), "histogram": _crc(info.histogram),
+                      "source_index": _crc(info.source_index), "skipped": _text_crc(info.skipped)},
+        }, sort_keys=True)
 
 
 def _shard_stats(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -233,63 +284,43 @@ def write_shard(directory: Path, spec: ShardSpec, images: ImageList, geometry: G
 
     started = time.perf_counter()
     path = directory / spec.name
-    part = directory / f".{spec.name}.part"
-    channels, size, _ = geometry.shape
-    planned = spec.planned
-    labels = np.empty(planned, np.int64)
-    crc32 = np.empty(planned, np.uint32)
-    source_index = np.empty(planned, np.int64)
-    histogram = np.zeros((channels, 256), np.int64)
-    skipped: list[tuple[str, str]] = []
-    modes: dict[str, int] = {}
-    seconds = {"decode": 0.0, "resize": 0.0, "write": 0.0}
-    block = np.empty((min(WRITE_BLOCK, max(planned, 1)), *geometry.shape), np.uint8)
-    rows = filled = 0
+    record = _ShardRecord(spec, geometry.shape[0])
+    block = np.empty((min(WRITE_BLOCK, spec.planned), *geometry.shape), np.uint8)
+    filled = 0
     paths = images.paths(spec.start, spec.stop)
     full_paths = [os.path.join(images.base, p) for p in paths]
     try:
-        with atomic_output(path, temp=part) as tmp:
+        with atomic_output(path, temp=directory / f".{spec.name}.part") as tmp:
             with h5py.File(tmp, "w", locking=False) as f:
-                dset = f.create_group(spec.split).create_dataset("images", shape=(planned, *geometry.shape),
+                dset = f.create_group(spec.split).create_dataset("images", shape=(spec.planned, *geometry.shape),
                                                                  dtype=np.uint8)
                 for k, result in enumerate(pool.map(full_paths, geometry)):
                     if isinstance(result, str):
-                        skipped.append((paths[k], result))
+                        record.skipped.append((paths[k], result))
                         warn(f"skipped {full_paths[k]}: {result}")
                     else:
-                        _record(result, block, filled, seconds, histogram, modes)
-                        labels[rows], crc32[rows], source_index[rows] = \
-                            images.labels[spec.start + k], result.crc32, spec.start + k
-                        rows, filled = rows + 1, filled + 1
-                    if filled == len(block) or (k == planned - 1 and filled):
+                        block[filled] = result.pixels
+                        filled += 1
+                        record.add(result, images.labels[spec.start + k], spec.start + k)
+                    if filled and (filled == len(block) or k == spec.planned - 1):
                         t = time.perf_counter()
-                        dset[rows - filled:rows] = block[:filled]
-                        seconds["write"] += time.perf_counter() - t
+                        dset[record.rows - filled:record.rows] = block[:filled]
+                        record.seconds["write"] += time.perf_counter() - t
                         filled = 0
-                        if halfway is not None and 2 * rows >= planned:
+                        if halfway is not None and 2 * record.rows >= spec.planned:
                             f.flush()
                             halfway(tmp)
                             halfway = None
-                if rows == planned:
-                    _write_shard_metadata(f, spec, rows, labels, crc32, source_index, histogram, skipped, modes,
-                                          class_names, short_side)
-            if rows < planned:
+                if record.rows == spec.planned:
+                    record.write(f, class_names, short_side)
+            if record.rows < spec.planned:
                 t = time.perf_counter()
-                _compact(tmp, spec, rows, geometry, lambda g: _write_shard_metadata(
-                    g, spec, rows, labels, crc32, source_index, histogram, skipped, modes, class_names, short_side))
-                seconds["write"] += time.perf_counter() - t
+                _compact(tmp, spec, record.rows, geometry, lambda g: record.write(g, class_names, short_side))
+                record.seconds["write"] += time.perf_counter() - t
     except OSError as exc:
         raise DataError(f"{path}: cannot write shard: {exc.strerror or exc}") from None
-    seconds["wall"] = time.perf_counter() - started
-    return ShardInfo(spec, rows, labels[:rows], crc32[:rows], histogram, source_index[:rows], skipped, modes, seconds)
-
-
-def _record(result: Decoded, block: np.ndarray, at: int, seconds: dict, histogram: np.ndarray, modes: dict) -> None:
-    block[at] = result.pixels
-    histogram += result.histogram
-    modes[result.source_mode] = modes.get(result.source_mode, 0) + 1
-    seconds["decode"] += result.decode_s
-    seconds["resize"] += result.resize_s
+    record.seconds["wall"] = time.perf_counter() - started
+    return record.info()
 
 
 def _compact(tmp: Path, spec: ShardSpec, rows: int, geometry: Geometry, finish: Callable) -> None:
@@ -305,25 +336,6 @@ def _compact(tmp: Path, spec: ShardSpec, rows: int, geometry: Geometry, finish: 
             target[start:stop] = source[start:stop]
         finish(dst)
     os.replace(compact, tmp)
-
-
-def _write_shard_metadata(f, spec: ShardSpec, rows: int, labels, crc32, source_index, histogram, skipped, modes,
-                          class_names, short_side: int) -> None:
-    group = f[spec.split]
-    labels, crc32, source_index = labels[:rows], crc32[:rows], source_index[:rows]
-    group["labels"] = labels
-    group["crc32"] = crc32
-    group["histogram"] = histogram
-    group["source_index"] = source_index
-    group.create_dataset("skipped", data=_text_array(skipped).reshape(len(skipped), 2), dtype=_str_dtype())
-    mean, std = _shard_stats(histogram)
-    write_root_attrs(f, class_names, mean, std, short_side)
-    f.attrs[SHARD_ATTR] = json.dumps({
-        "fingerprint": spec.fingerprint, "split": spec.split, "index": spec.index, "planned": spec.planned,
-        "rows": rows, "source_modes": dict(sorted(modes.items())),
-        "crc32": {"labels": _crc(labels), "crc32": _crc(crc32), "histogram": _crc(histogram),
-                  "source_index": _crc(source_index), "skipped": _text_crc(skipped)},
-    }, sort_keys=True)
 
 
 def _str_dtype():
