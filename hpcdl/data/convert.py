@@ -407,8 +407,8 @@ def _make_plan(request: _Request, listings: list, seed: int, shard_images: int, 
     if old is not None:
         differences = shards.manifest_differences(old, manifest)
         if differences:
-            raise DataError(f"{directory / shards.MANIFEST_NAME}: the interrupted conversion into {out} differs: "
-                            f"{'; '.join(differences)}. Rerun it with its arguments to resume, "
+            raise DataError(f"{directory / shards.MANIFEST_NAME}: the earlier conversion into {out} used other "
+                            f"settings: {'; '.join(differences)}. Rerun it with its arguments to resume it, "
                             "or add --restart to start over")
     else:
         shards.write_manifest(directory, manifest)
@@ -477,7 +477,7 @@ def _finish(out, plan: _Plan, reused: set, per_rank: list[dict], started: float,
         log(f"skipped {skipped:,} unusable file(s) (each named above)")
     converted = {m: n for m, n in conversion["source_modes"].items() if m != plan.geometry.mode}
     if converted:
-        log(f"converted to {plan.geometry.mode}: " + ", ".join(f"{n:,} {m}" for m, n in converted.items()))
+        log(f"converted to {plan.geometry.mode}: " + ", ".join(f"{n:,} from {m}" for m, n in converted.items()))
     if plan.ignored:
         log(f"ignored {plan.ignored:,} non-image file(s) (suffix not one of the image suffixes)")
     if plan.unlisted:

@@ -374,18 +374,21 @@ def read_shard(directory: Path, spec: ShardSpec, geometry: Geometry) -> ShardInf
             labels, crc32 = group["labels"][...], group["crc32"][...]
             histogram, source_index = group["histogram"][...], group["source_index"][...]
             skipped = [(_text(a), _text(b)) for a, b in group["skipped"][...].reshape(-1, 2)]
+        expected_crc = {name: int(meta["crc32"][name]) for name in
+                        ("labels", "crc32", "histogram", "source_index", "skipped")}
+        planned = int(meta["planned"])
     except StaleShard:
         raise
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError) as exc:
         raise StaleShard(f"unreadable ({' '.join(str(exc).split()) or type(exc).__name__})") from None
     checks = {"labels": labels, "crc32": crc32, "histogram": histogram, "source_index": source_index}
     for name, array in checks.items():
-        if _crc(array) != meta["crc32"][name]:
+        if _crc(array) != expected_crc[name]:
             raise StaleShard(f"{spec.split}/{name}: CRC-32 mismatch (damaged on disk?)")
-    if _text_crc(skipped) != meta["crc32"]["skipped"]:
+    if _text_crc(skipped) != expected_crc["skipped"]:
         raise StaleShard(f"{spec.split}/skipped: CRC-32 mismatch (damaged on disk?)")
     if not (len(labels) == len(crc32) == len(source_index) == rows and rows + len(skipped) == spec.planned
-            and int(meta["planned"]) == spec.planned):
+            and planned == spec.planned):
         raise StaleShard(f"{rows} rows + {len(skipped)} skipped files do not add up to {spec.planned}")
     if histogram.shape != (geometry.shape[0], 256) or \
             (histogram.sum(axis=1) != rows * geometry.size * geometry.size).any():
