@@ -402,7 +402,10 @@ def _make_plan(request: _Request, listings: list, seed: int, shard_images: int, 
         if out.is_file():  # it reads its pixels from the shards just removed
             out.unlink()
             reset += 1
-    directory.mkdir(exist_ok=True)
+    try:
+        directory.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{directory}: cannot create the shard folder: {exc.strerror or exc}") from None
     old = shards.read_manifest(directory)
     if old is not None:
         differences = shards.manifest_differences(old, manifest)
