@@ -6,6 +6,8 @@ its promises when things go wrong, without timing games. Known items:
     checkpoint-write[:n]   SIGKILL this process while writing its n-th checkpoint (default 1st)
     raise-at-step:n        raise RuntimeError at the start of optimizer step n (this rank only)
     nan-grad-at-step:n     put a NaN into this rank's gradient in step n (repeat the item for more steps)
+    convert-shard[:n]      SIGKILL this process halfway through writing its n-th shard in
+                           `hpcdl data convert folder` (default 1st)
 
 Set it on one rank only with the launcher's MPMD syntax, e.g.
 `mpiexec -n 1 hpcdl train ... : -n 1 env HPCDL_FAULT_INJECT=raise-at-step:3 hpcdl train ...`.
@@ -17,7 +19,7 @@ import os
 from hpcdl.errors import ConfigError
 
 FAULT_ENV = "HPCDL_FAULT_INJECT"
-KNOWN = ("checkpoint-write", "raise-at-step", "nan-grad-at-step")
+KNOWN = ("checkpoint-write", "raise-at-step", "nan-grad-at-step", "convert-shard")
 
 
 def requested(name: str) -> list[int | None]:

@@ -13,7 +13,6 @@ import pytest
 
 from hpcdl.data import fashion_mnist
 from hpcdl.data.augment import Augmenter, augment_reference, crop_flip, draw_offsets, normalize
-from hpcdl.data.convert import convert_folder, main as data_main
 from hpcdl.data.dataset import load_dataset, synthetic_dataset
 from hpcdl.data.hdf5 import read_hdf5, read_hdf5_meta, row_checksums, write_hdf5
 from hpcdl.data.idx import IDX_FILES, read_idx, write_idx
@@ -408,90 +407,6 @@ def test_synthetic_is_deterministic_and_learnable():
     centroids = np.stack([x[a.train_labels == k].mean(0) for k in range(5)])
     predicted = np.argmin(((xt[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (predicted == a.test_labels).mean() > 0.95
-
-
-# -- converters ------------------------------------------------------------------------------
-
-def test_convert_idx_to_hdf5(tiny_idx_dir, tmp_path, capsys):
-    out = tmp_path / "out.h5"
-    assert data_main(["convert", "idx", "--data-dir", str(tiny_idx_dir), "--out", str(out), "--chunk-rows", "8"]) == 0
-    assert "40 train + 12 test images 1×6×5, 4 classes" in capsys.readouterr().out
-    source = load_dataset("idx", data_dir=str(tiny_idx_dir))
-    converted = load_dataset("hdf5", path=str(out))
-    for field in ("train_images", "train_labels", "test_images", "test_labels", "mean", "std"):
-        np.testing.assert_array_equal(getattr(converted, field), getattr(source, field))
-    assert converted.class_names == ("0", "1", "2", "3")  # not Fashion-MNIST by checksum: numbered classes
-    assert data_main(["info", str(out)]) == 0
-    assert "train        40 images 1×6×5" in capsys.readouterr().out
-
-    data_main(["idx", "--data-dir", str(tiny_idx_dir), "--out", str(out), "--class-names", "a,b,c,d"])
-    assert load_dataset("hdf5", path=str(out)).class_names == ("a", "b", "c", "d")
-
-
-def _image_tree(root: Path, specs):
-    """specs: {class: [(filename, uint8 H×W or H×W×3 array)]}; PNG is lossless, JPEG is not."""
-    from PIL import Image
-
-    for cls, files in specs.items():
-        (root / cls).mkdir(parents=True)
-        for name, array in files:
-            Image.fromarray(array).save(root / cls / name)
-
-
-def test_convert_folder_centre_crop_labels_and_splits(tmp_path):
-    rng = np.random.default_rng(0)
-    wide = rng.integers(0, 256, (6, 12, 3), dtype=np.uint8)     # H=6, W=12: crop columns 3..9
-    tall = rng.integers(0, 256, (10, 6, 3), dtype=np.uint8)     # H=10, W=6: crop rows 2..8
-    gray = rng.integers(0, 256, (6, 6), dtype=np.uint8)
-    smooth = np.full((16, 20, 3), (200, 40, 90), np.uint8)
-    _image_tree(tmp_path / "train", {"zebra": [("w.png", wide), ("g.png", gray)],
-                                     "ant": [("t.png", tall), ("s.jpg", smooth)]})
-    (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")
-    _image_tree(tmp_path / "val", {"zebra": [("v.png", tall)]})
-    out = tmp_path / "f.h5"
-    counts = convert_folder(tmp_path / "train", out, size=6, val_root=tmp_path / "val", log=lambda *a: None)
-    assert counts == {"train": 4, "test": 1, "classes": 2, "skipped": 1, "shape": (3, 6, 6)}
-
-    data = load_dataset("hdf5", path=str(out))
-    assert data.class_names == ("ant", "zebra")  # sorted folder names -> labels 0, 1
-    expected = {  # resize == shorter side, so each stored image is exactly the centre crop
-        "w": (1, wide[:, 3:9].transpose(2, 0, 1)),
-        "g": (1, np.repeat(gray[None], 3, axis=0)),
-        "t": (0, tall[2:8].transpose(2, 0, 1)),
-    }
-    stored = list(zip(data.train_images, data.train_labels))
-    for label, image in expected.values():
-        assert sum(np.array_equal(img, image) and lab == label for img, lab in stored) == 1
-    jpeg = [img for img, lab in stored if lab == 0 and not np.array_equal(img, expected["t"][1])]
-    np.testing.assert_allclose(jpeg[0].mean(axis=(1, 2)), (200, 40, 90), atol=3)  # lossy but close
-    np.testing.assert_array_equal(data.test_images[0], tall[2:8].transpose(2, 0, 1))
-    assert data.test_labels.tolist() == [1]
-
-
-def test_convert_folder_resizes_holds_out_and_is_reproducible(tmp_path):
-    rng = np.random.default_rng(1)
-    _image_tree(tmp_path / "tree", {c: [(f"{i}.png", rng.integers(0, 256, (9, 13, 3), dtype=np.uint8))
-                                        for i in range(10)] for c in ("a", "b")})
-    one, two = tmp_path / "1.h5", tmp_path / "2.h5"
-    quiet = lambda *a: None
-    counts = convert_folder(tmp_path / "tree", one, size=4, resize=5, test_fraction=0.2, log=quiet)
-    assert (counts["train"], counts["test"]) == (16, 4)
-    convert_folder(tmp_path / "tree", two, size=4, resize=5, test_fraction=0.2, workers=2, log=quiet)
-    for split in ("train", "test"):
-        for a, b in zip(read_hdf5(one, split), read_hdf5(two, split)):
-            np.testing.assert_array_equal(a, b)
-    assert np.bincount(read_hdf5(one, "test")[1]).tolist() == [2, 2]  # the holdout is per class
-
-
-def test_convert_folder_unreadable_image_names_it_and_writes_nothing(tmp_path):
-    _image_tree(tmp_path / "tree", {"a": [("ok.png", np.zeros((5, 5, 3), np.uint8))]})
-    bad = tmp_path / "tree" / "a" / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    out = tmp_path / "x.h5"
-    with pytest.raises(DataError) as excinfo:
-        convert_folder(tmp_path / "tree", out, size=4, test_fraction=0.0, log=lambda *a: None)
-    one_line_error(excinfo, str(bad), "unreadable image")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
 # -- augmentation ------------------------------------------------------------------------------
