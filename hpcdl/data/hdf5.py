@@ -36,6 +36,7 @@ light to import.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -354,8 +355,9 @@ class ImageRows:
     bytes delivered under a shuffled training order; leave it off for
     sequential scans (evaluation), where readahead helps.
 
-    Safe to share between threads (pread has no file position). A process
-    that forks should open its own with `ImageRows(*rows.spec)`.
+    Safe to share between threads (pread has no file position; opening
+    files and counting bytes take a lock). A process that forks should open
+    its own with `ImageRows(*rows.spec)`.
     """
 
     def __init__(self, path, split: str, *, verify: bool = True, random_access: bool = True):
@@ -363,6 +365,7 @@ class ImageRows:
         self.path, self.split = path, split
         self.verify, self.random_access = bool(verify), bool(random_access)
         self.bytes_read = 0
+        self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._h5 = None
         with _open(path) as f:
@@ -399,14 +402,18 @@ class ImageRows:
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
-        if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise DataError(f"{file}: cannot open: {exc.strerror or exc}") from None
-            if self.random_access and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self._fds[file] = fd
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise DataError(f"{file}: cannot open: {exc.strerror or exc}") from None
+                if self.random_access and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[file] = fd
         return fd
 
     def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
@@ -446,7 +453,8 @@ class ImageRows:
                 raise DataError(f"{file}: truncated: {len(buffer) - done} bytes missing at byte {offset + done} "
                                 f"(rows of {self.path}:{self.split})")
             done += n
-        self.bytes_read += done
+        with self._lock:
+            self.bytes_read += done
 
     def _check(self, rows: np.ndarray, flat: np.ndarray) -> None:
         for k, row in enumerate(rows):
@@ -457,15 +465,17 @@ class ImageRows:
     def _read_chunked(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         import h5py
 
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r", locking=False)
+        with self._lock:
+            if self._h5 is None:
+                self._h5 = h5py.File(self.path, "r", locking=False)
         try:
             out[...] = _read_rows(self._h5[f"{self.split}/images"], rows)
         except (OSError, KeyError, RuntimeError) as exc:
             raise DataError(f"{self.path}: read failed (corrupt or truncated file?): {_first_line(exc)}") from None
         chunks = np.unique(rows // max(self.chunk_rows, 1))
-        self.bytes_read += int(sum(min(self.chunk_rows, self.count - c * self.chunk_rows) for c in chunks)) \
-            * self.row_bytes
+        touched = int(sum(min(self.chunk_rows, self.count - c * self.chunk_rows) for c in chunks)) * self.row_bytes
+        with self._lock:
+            self.bytes_read += touched
         return out
 
     def close(self) -> None:
