@@ -119,6 +119,9 @@ def _setup(config: Config, out_dir: Path) -> Run:
         loader = BatchLoader(data, sampler, train_transform, eval_transform, eval_batch=train_cfg.eval_batch,
                              prefetch=data_cfg.prefetch, workers=data_cfg.workers, worker_kind=data_cfg.worker_kind,
                              memory_bytes=int(data_cfg.memory_mb * 2**20), xp=xp)
+    except ConfigError as exc:  # the same config and file give every rank the same plan, and the same error
+        data.close()
+        raise _collective(exc)
     except BaseException:
         data.close()
         raise

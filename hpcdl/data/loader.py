@@ -120,7 +120,7 @@ def plan_memory(recipe: BatchRecipe, sampler: ShardedSampler, dataset, *, budget
         c, h, w = recipe.output_shape
         need = plan.total_at(minimum)
         raise ConfigError(
-            f"data.memory_mb = {budget / MB:g}: the data path needs at least {need / MB:.1f} MB here "
+            f"data.memory_mb = {budget / MB:.4g}: the data path needs at least {need / MB:.1f} MB here "
             f"({minimum + 1} slot(s) of {plan.slot_bytes / MB:.1f} MB for batches of {recipe.max_rows} images "
             f"{c}×{h}×{w} float32, worker buffers {plan.worker_bytes / MB:.1f} MB, resident labels/images "
             f"{copies * plan.resident_bytes / MB:.1f} MB); raise data.memory_mb or lower the per-rank batch")

@@ -236,18 +236,20 @@ class _ProcessWorkers:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
+    def _death(self, worker: int) -> DataError:
+        proc = self._procs[worker]
+        try:
+            code = proc.wait(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return DataError(f"data worker process {proc.pid} died ({how})")
+
     def _reply(self, worker: int):
         try:
             message = self._conns[worker].recv()
         except (EOFError, OSError):
-            proc = self._procs[worker]
-            try:
-                code = proc.wait(timeout=_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                code = None
-            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-                   else f"exit code {code}")
-            raise DataError(f"data worker process {proc.pid} died ({how})") from None
+            raise self._death(worker) from None
         if isinstance(message, tuple) and message and message[0] == "error":
             _, kind, text, trace = message
             if kind == "DataError":
@@ -261,8 +263,7 @@ class _ProcessWorkers:
         try:
             self._conns[worker].send((job_id, slot, job))
         except OSError:
-            self._reply(worker)  # reports how it died
-            raise
+            raise self._death(worker) from None
 
     def wait(self, worker: int, job_id: int) -> int:
         while True:
