@@ -20,7 +20,7 @@ import textwrap
 
 from hpcdl.errors import UserError
 
-BENCHMARKS = ("layers", "allreduce", "optimizer")
+BENCHMARKS = ("layers", "allreduce", "optimizer", "data")
 
 EXAMPLES = """\
 examples:
@@ -187,11 +187,13 @@ def _bench(what: str, argv: list[str]) -> int:
             threads = int(arg.split("=", 1)[1])
     from hpcdl.threads import pin_threads
 
-    pin_threads(threads or (1 if what == "layers" else None))
+    pin_threads(threads or (1 if what in ("layers", "data") else None))
     if what == "layers":
         from hpcdl.bench.layers import main as bench_main
     elif what == "allreduce":
         from hpcdl.bench.allreduce import main as bench_main
+    elif what == "data":
+        from hpcdl.bench.data import main as bench_main
     else:
         from hpcdl.bench.optimizer import main as bench_main
     return bench_main(argv)

@@ -54,7 +54,7 @@ class DataConfig:
     memory_mb: float = _key(1024.0, "per-rank memory for data: prefetched batches, worker buffers, labels, in-memory images", min=0.0, min_exclusive=True)
     prefetch: int = _key(4, "micro-batches prepared ahead by background workers; 0 = prepare each in the training thread", min=0)
     workers: int = _key(1, "background workers per rank that read and transform batches", min=1)
-    worker_kind: str = _key("thread", "workers as threads of the rank, or as processes (HDF5 datasets only)", choices=("thread", "process"))
+    worker_kind: str = _key("auto", "workers as threads of the rank or as processes (HDF5 only); auto = processes for HDF5, threads for in-memory data", choices=("auto", "thread", "process"))
 
 
 @dataclass

@@ -19,7 +19,7 @@ def _error(*overrides) -> str:
 
 def test_defaults_stream_with_prefetch_on():
     data = config.load(None).data
-    assert data.prefetch == 4 and data.workers == 1 and data.worker_kind == "thread" and data.memory_mb == 1024
+    assert data.prefetch == 4 and data.workers == 1 and data.worker_kind == "auto" and data.memory_mb == 1024
     assert config.load(None).train.eval_batch == 0  # the training micro-batch
 
 
@@ -28,7 +28,7 @@ def test_misspelt_key_suggests_the_real_one():
 
 
 def test_worker_kind_typo_suggests_the_choice():
-    assert "data.worker_kind: 'proces' is not one of 'thread', 'process' (did you mean process?)" in \
+    assert "data.worker_kind: 'proces' is not one of 'auto', 'thread', 'process' (did you mean process?)" in \
         _error("data.worker_kind='proces'")
 
 

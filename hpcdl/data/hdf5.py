@@ -54,6 +54,11 @@ FORMAT_VERSION = 2
 SPLITS = ("train", "test")
 DEFAULT_CHUNK_ROWS = 256  # only for layout="chunked" (format version 1 files)
 LAYOUTS = ("contiguous", "chunked")
+PAGE = 4096
+# h5py.File keywords that start every dataset of 64 KiB or more on a page boundary. A row
+# whose size is a whole number of pages (3×256×256 = 48 pages) then never shares a page with
+# its neighbours, so a cold read fetches exactly its bytes (measured: 1.000× instead of 1.02×).
+PAGE_ALIGNED = {"alignment_threshold": 1 << 16, "alignment_interval": PAGE}
 
 
 def row_checksums(images: np.ndarray) -> np.ndarray:
@@ -166,7 +171,7 @@ def hdf5_writer(path, layout: str = "contiguous", temp=None):
 
     path = Path(path)
     with atomic_output(path, temp=temp) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", **PAGE_ALIGNED) as f:
             yield SplitWriter(f, path, layout)
 
 
@@ -532,6 +537,16 @@ def read_hdf5(path, split: str, rows=None) -> tuple[np.ndarray, np.ndarray]:
         return reader.read(rows), np.ascontiguousarray(reader.labels[rows])
 
 
+def _alignment(reader: ImageRows) -> str:
+    """How a row lies against 4 KiB pages: what a cold read of one row costs beyond its bytes."""
+    rows_aligned = all(e.offset % PAGE == 0 for e in reader.extents) and reader.row_bytes % PAGE == 0
+    if rows_aligned:
+        return f"rows of {reader.row_bytes:,} B start on page boundaries (cold reads fetch exactly a row)"
+    pages = -(-reader.row_bytes // PAGE) + 1
+    return (f"rows of {reader.row_bytes:,} B are not page-aligned (a cold read fetches up to {pages} pages, "
+            f"{pages * PAGE / reader.row_bytes:.3f}× a row)")
+
+
 def describe_hdf5(path) -> str:
     """Human-readable summary for `hpcdl data info`: splits, storage layout, statistics, classes."""
     path = Path(path)
@@ -546,9 +561,11 @@ def describe_hdf5(path) -> str:
                            f"(up to {reader.chunk_rows}× read amplification); re-convert for random access")
             elif reader.layout == "virtual":
                 files = len({e.file for e in reader.extents})
-                storage = f"virtual over {len(reader.extents)} contiguous sources in {files} file(s), rows read by offset"
+                storage = (f"virtual over {len(reader.extents)} contiguous sources in {files} file(s), rows read by "
+                           f"offset, CRC-32 per row; {_alignment(reader)}")
             else:
-                storage = "contiguous, rows read by offset, CRC-32 per row"
+                storage = (f"contiguous at byte {reader.extents[0].offset:,}, rows read by offset, CRC-32 per row; "
+                           f"{_alignment(reader)}")
         mb = info["count"] * int(np.prod(info["shape"])) / 1e6
         lines.append(f"  {split:5s} {info['count']:>9,} images {shape} uint8 (NCHW), {mb:,.1f} MB; {storage}")
     lines.append("  mean  " + ", ".join(f"{m:.4f}" for m in meta["mean"]))

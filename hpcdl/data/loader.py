@@ -134,11 +134,15 @@ class BatchLoader:
     """This rank's training micro-batches in sampler order, and its evaluation shard, prepared ahead."""
 
     def __init__(self, dataset, sampler: ShardedSampler, train_transform, eval_transform, *, eval_batch: int = 0,
-                 prefetch: int = 4, workers: int = 1, worker_kind: str = "thread", memory_bytes: int = 1 << 30,
+                 prefetch: int = 4, workers: int = 1, worker_kind: str = "auto", memory_bytes: int = 1 << 30,
                  xp=np):
         if len(dataset.train.labels) != sampler.num_samples:
             raise ValueError(f"sampler covers {sampler.num_samples} samples, the training split holds "
                              f"{len(dataset.train.labels)}")
+        if worker_kind == "auto":
+            # Processes keep the workers' Python off the training thread's GIL (measured: `hpcdl bench
+            # data --compute-ms`); in-memory arrays would have to be copied into each, so those use threads.
+            worker_kind = "process" if dataset.streams else "thread"
         if worker_kind == "process" and prefetch and not dataset.streams:
             raise ConfigError(f"data.worker_kind = 'process': {dataset.source} is in memory; process workers read "
                               "HDF5 files (use 'thread')")
