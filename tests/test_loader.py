@@ -25,7 +25,7 @@ def _steps(loader, count):
     out = []
     for _ in range(count):
         batch = loader.next_step()
-        out.append((batch.epoch, batch.step, batch.global_count, batch.micro_batches))
+        out.append((batch.epoch, batch.step, batch.global_count, batch.take_all()))
     return out
 
 
@@ -132,7 +132,8 @@ def test_streaming_reads_exactly_the_rows_delivered(rgb_file):
     data = dataset_from_hdf5(rgb_file)
     try:
         train, evaluation = _rrc(data)
-        with BatchLoader(data, ShardedSampler(96, 16, 0, 1, seed=2), train, evaluation, prefetch=2) as loader:
+        with BatchLoader(data, ShardedSampler(96, 16, 0, 1, seed=2), train, evaluation, prefetch=2,
+                         worker_kind="thread") as loader:  # a thread's reads count in this process
             _steps(loader, 6)
         assert data.train.bytes_read == 6 * 16 * 3 * 40 * 36 + 2 * 16 * 3 * 40 * 36  # and the 2 read ahead
     finally:

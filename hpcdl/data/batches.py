@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hpcdl.data.augment import Normalize, PadCropFlip
+
 
 @dataclass(frozen=True)
 class TrainJob:
@@ -59,8 +61,6 @@ class BatchRecipe:
 
 def transform_scratch(transform, rows: int, image_shape) -> int:
     """Temporaries a transform allocates per call: the vectorized NumPy ones build whole-batch arrays."""
-    from hpcdl.data.augment import Normalize, PadCropFlip
-
     c, h, w = image_shape
     floats = rows * int(np.prod(transform.output_shape(image_shape))) * 4
     if isinstance(transform, PadCropFlip):  # padded canvas, gathered windows, the float32 result

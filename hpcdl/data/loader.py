@@ -57,9 +57,8 @@ class StepBatch:
         """(x float32 N×C×H×W, y int64 N) of micro-step `micro`; N may be 0 in a kept epoch tail."""
         return self.loader._take_train(self.epoch, self.step, micro)
 
-    @property
-    def micro_batches(self):
-        """All micro-batches at once, as copies (tests; the trainer takes them one at a time)."""
+    def take_all(self) -> list:
+        """Every micro-batch, as copies that outlive their slots (tests; the trainer takes them one at a time)."""
         return [tuple(np.array(a) for a in self.take(m)) for m in range(self.micro_steps)]
 
 

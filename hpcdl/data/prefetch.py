@@ -149,12 +149,15 @@ class _InlineWorkers:
     """No workers: the consumer's thread runs each job when it takes it (data.prefetch = 0)."""
 
     count = 0
-    pids: list = []
 
     def __init__(self, recipe, pool):
         self._make = BatchMaker(recipe)
         self._pool = pool
         self._pending = {}
+
+    @property
+    def pids(self) -> list[int]:
+        return []
 
     def submit(self, worker: int, job_id: int, slot: int, job) -> None:
         self._pending[job_id] = (slot, job)
@@ -401,7 +404,7 @@ class Prefetcher:
         self._release_held()
         self._fill(self.depth or 1)
         if not self._issued:
-            raise StopIteration
+            raise RuntimeError("take() after the last job of the stream")
         job, job_id, slot, worker = self._issued.popleft()
         try:
             n = self._workers.wait(worker, job_id)

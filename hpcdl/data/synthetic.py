@@ -69,3 +69,29 @@ def write_jpeg_tree(root, count: int, num_classes: int = 10, seed: int = 0, qual
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=quality)
         paths.append(path)
     return paths
+
+
+def write_synthetic_hdf5(path, train_count: int, test_count: int, shape: Sequence[int] = (3, 256, 256),
+                         num_classes: int = 10, seed: int = 0, short_side: int = 0, block: int = 512) -> None:
+    """An hpcdl HDF5 file of learnable synthetic images, written block by block (any size, little memory).
+
+    For scale tests (a file larger than RAM): each block is the class
+    prototypes plus a noise block drawn once and rotated per block, so
+    writing costs about a copy of the bytes, not a random draw of each.
+    """
+    from hpcdl.data.hdf5 import hdf5_writer
+
+    c, h, w = (int(d) for d in shape)
+    prototypes = _prototypes(c, h, w, num_classes, seed)
+    rng = np.random.default_rng((seed, 2))
+    noise = rng.integers(0, _NOISE_RANGE, size=(block, c, h, w), dtype=np.uint8)
+    with hdf5_writer(path) as writer:
+        for split, count in (("train", train_count), ("test", test_count)):
+            writer.create_split(split, count, (c, h, w))
+            for k, start in enumerate(range(0, count, block)):
+                n = min(block, count - start)
+                labels = rng.integers(0, num_classes, n).astype(np.int64)
+                images = np.roll(noise, k, axis=0)[:n]
+                images += prototypes[labels]
+                writer.write(split, start, images, labels)
+        writer.finish([f"class{i}" for i in range(num_classes)], short_side=short_side)
