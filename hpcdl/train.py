@@ -446,6 +446,12 @@ def _peak_rss_mb(worker_pids) -> tuple[float, list[float]]:
                         return round(int(line.split()[1]) / 1024, 1)
         except OSError:
             pass
+        if pid == "self":  # no /proc: getrusage's peak (KiB on Linux, bytes on macOS)
+            import resource
+            import sys
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
         return float("nan")
 
     return vm_hwm("self"), [vm_hwm(pid) for pid in worker_pids]

@@ -204,3 +204,16 @@ def test_a_killed_worker_process_is_an_error_naming_it_not_a_hang(rgb_file):
             assert time.monotonic() - started < 10
     finally:
         data.close()
+
+
+def test_data_info_states_layout_offsets_and_page_alignment(rgb_file, tmp_path):
+    from hpcdl.data.hdf5 import describe_hdf5
+
+    text = describe_hdf5(rgb_file)
+    assert "stored at short side 40" in text and "contiguous at byte" in text
+    assert "not page-aligned" in text  # 3×40×36 = 4,320 B rows straddle pages
+    aligned = tmp_path / "aligned.h5"
+    rng = np.random.default_rng(0)
+    split = lambda n: (rng.integers(0, 256, (n, 1, 64, 64), dtype=np.uint8), rng.integers(0, 2, n))
+    write_hdf5(aligned, {"train": split(20), "test": split(4)}, ["a", "b"])  # 4,096 B rows, 80 KiB dataset
+    assert "start on page boundaries (cold reads fetch exactly a row)" in describe_hdf5(aligned)
