@@ -138,10 +138,10 @@ def _streaming_job(path, steps, workers="process"):
             "--set", "schedule.warmup_epochs=0.5", "--set", "log.every_steps=1", "--set", "log.plots=false"]
 
 
-def _start(job, out):
+def _start(job, out, env=None):
     command = [mpiexec(), "-n", "2", *HPCDL, "train", *job, "--out", str(out)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
 def _wait_for_steps(out, proc, count, timeout=60):
@@ -179,20 +179,19 @@ def _gone_soon(pids, seconds=5.0):
     return _alive(pids)
 
 
-@pytest.mark.parametrize("how", ["sigkill-rank", "exception", "sigterm-everyone"])
+@pytest.mark.parametrize("how", ["sigkill-rank", "worker-dies", "trainer-raises", "sigterm-everyone"])
 def test_no_worker_outlives_its_rank(tmp_path, learnable_file, how):
-    steps = 400 if how != "exception" else 10_000
-    job = _streaming_job(learnable_file, steps)
-    proc = _start(job, tmp_path)
+    job = _streaming_job(learnable_file, 10_000 if how == "worker-dies" else 400)
+    proc = _start(job, tmp_path, env={"HPCDL_FAULT_INJECT": "raise-at-step:80"} if how == "trainer-raises" else None)
     try:
         _wait_for_steps(tmp_path, proc, 3)
         ranks, workers = _ranks_and_workers(proc)
         assert len(ranks) == 2 and len(workers) == 2, (ranks, workers)
         if how == "sigkill-rank":
             os.kill(ranks[1], signal.SIGKILL)
-        elif how == "exception":  # a worker process fails: its rank raises, the job aborts
+        elif how == "worker-dies":  # its rank raises a DataError, the job aborts
             os.kill(workers[-1], signal.SIGKILL)
-        else:  # what a batch system does at the time limit: SIGTERM to every process of the job
+        elif how == "sigterm-everyone":  # what a batch system does at the time limit
             for pid in ranks + workers:
                 os.kill(pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=60)
@@ -205,9 +204,11 @@ def test_no_worker_outlives_its_rank(tmp_path, learnable_file, how):
         assert proc.returncode == 0, stderr[-3000:]
         assert "SIGTERM received: checkpoint written" in stderr
     else:
-        assert proc.returncode != 0
-    if how == "exception":
+        assert proc.returncode != 0, stderr[-3000:]
+    if how == "worker-dies":
         assert "data worker process" in stderr and "died (killed by SIGKILL)" in stderr
+    if how == "trainer-raises":  # an uncaught exception: MPI_Abort, then the kernel's PDEATHSIG
+        assert "raise-at-step:80" in stderr
 
 
 @pytest.mark.slow  # the loader-level test above covers the stream; this adds the trainer's checkpoint around it
