@@ -20,7 +20,7 @@ import textwrap
 
 from hpcdl.errors import UserError
 
-BENCHMARKS = ("layers", "allreduce", "optimizer")
+BENCHMARKS = ("layers", "allreduce", "optimizer", "data")
 
 EXAMPLES = """\
 examples:
@@ -187,11 +187,13 @@ def _bench(what: str, argv: list[str]) -> int:
     # Pinned before NumPy loads, so BLAS honours it. `bench optimizer` takes a
     # list (--threads 1,2,4): Numba's pool must hold the largest.
     threads = _largest_thread_count(argv)
-    pin_threads(threads or (1 if what == "layers" else None), settle_with_mpi=True)
+    pin_threads(threads or (1 if what in ("layers", "data") else None), settle_with_mpi=True)
     if what == "layers":
         from hpcdl.bench.layers import main as bench_main
     elif what == "allreduce":
         from hpcdl.bench.allreduce import main as bench_main
+    elif what == "data":
+        from hpcdl.bench.data import main as bench_main
     else:
         from hpcdl.bench.optimizer import main as bench_main
     return bench_main(argv)

@@ -44,8 +44,17 @@ class DataConfig:
     download: bool = _key(True, "download Fashion-MNIST (SHA-256 checked) when it is nowhere on disk and the network allows")
     synthetic_samples: int = _key(4096, "training samples of the synthetic dataset", min=1)
     synthetic_shape: list = _key([1, 28, 28], "C, H, W of the synthetic dataset")
-    random_crop_pad: int = _key(0, "pad for random-crop augmentation; 0 disables", min=0)
+    random_crop_pad: int = _key(0, "pad for random-crop augmentation at the stored size; 0 disables", min=0)
     random_flip: bool = _key(False, "random horizontal flip augmentation")
+    image_size: int = _key(0, "side of the square images the model sees (e.g. 224); 0 = the stored size", min=0)
+    random_resized_crop: bool = _key(False, "training crops as torchvision's RandomResizedCrop (crop_scale, crop_ratio), resized to image_size")
+    crop_scale: list = _key([0.08, 1.0], "RandomResizedCrop: range of the crop's share of the stored image's area")
+    crop_ratio: list = _key([0.75, 4 / 3], "RandomResizedCrop: range of the crop's width/height, drawn log-uniformly")
+    eval_crop_fraction: float = _key(0.875, "evaluation of files stored at a short side: the centre crop keeps this fraction of it (224/256), then resizes to image_size", min=0.0, min_exclusive=True, max=1.0)
+    memory_mb: float = _key(1024.0, "per-rank memory for data: prefetched batches, worker buffers, labels, in-memory images", min=0.0, min_exclusive=True)
+    prefetch: int = _key(4, "micro-batches prepared ahead by background workers; 0 = prepare each in the training thread", min=0)
+    workers: int = _key(1, "background workers per rank that read and transform batches", min=1)
+    worker_kind: str = _key("auto", "workers as threads of the rank or as processes (HDF5 only); auto = processes for HDF5, threads for in-memory data", choices=("auto", "thread", "process"))
 
 
 @dataclass
@@ -56,7 +65,7 @@ class TrainConfig:
     accumulate_steps: int = _key(1, "micro-batches per optimizer step on each rank (emulates a large batch on few ranks)", min=1)
     seed: int = _key(0, "seed of weights, sample order and augmentation (same on every rank)", min=0)
     label_smoothing: float = _key(0.0, "label smoothing of the cross-entropy", min=0.0, max=0.999)
-    eval_batch: int = _key(1000, "per-rank batch for evaluation", min=1)
+    eval_batch: int = _key(0, "per-rank batch for evaluation; 0 = the per-rank training micro-batch", min=0)
     eval_every_epochs: float = _key(1.0, "evaluate on the test split every so many epochs; 0 = only at the end", min=0)
     max_nonfinite_steps: int = _key(5, "stop with an error after this many consecutive steps with non-finite gradients", min=1)
 
@@ -211,6 +220,12 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     return config
 
 
+def _low_high(pair) -> bool:
+    """[low, high] of two numbers with 0 < low <= high."""
+    return (len(pair) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
+            and 0 < pair[0] <= pair[1])
+
+
 def _check_relations(config: Config, source: str):
     """Checks that involve more than one key."""
     optim = config.optim
@@ -226,8 +241,18 @@ def _check_relations(config: Config, source: str):
     shape = config.data.synthetic_shape
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise ConfigError(f"{source}: data.synthetic_shape: expected [C, H, W] of positive integers, got {shape!r}")
-    if config.data.dataset == "hdf5" and not config.data.path:
+    data = config.data
+    if data.dataset == "hdf5" and not data.path:
         raise ConfigError(f"{source}: data.path: dataset = 'hdf5' needs the path of an HDF5 file")
+    if not (_low_high(data.crop_scale) and data.crop_scale[1] <= 1):
+        raise ConfigError(f"{source}: data.crop_scale: expected [low, high] with 0 < low <= high <= 1, got {data.crop_scale!r}")
+    if not _low_high(data.crop_ratio):
+        raise ConfigError(f"{source}: data.crop_ratio: expected [low, high] with 0 < low <= high, got {data.crop_ratio!r}")
+    if data.random_resized_crop and data.random_crop_pad:
+        raise ConfigError(f"{source}: data.random_crop_pad: choose random_crop_pad or random_resized_crop, not both")
+    if data.worker_kind == "process" and data.prefetch and data.dataset != "hdf5":
+        raise ConfigError(f"{source}: data.worker_kind: 'process' workers read HDF5 files; dataset "
+                          f"{data.dataset!r} is in memory (use 'thread')")
     train = config.train
     if train.global_batch % train.accumulate_steps:
         raise ConfigError(

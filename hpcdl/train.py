@@ -36,9 +36,9 @@ import numpy as np
 from hpcdl import backend, checkpoint, comm, faults, guard, models, optim
 from hpcdl.arena import Arena
 from hpcdl.config import Config
-from hpcdl.data.augment import Augmenter
+from hpcdl.data.augment import build_transforms
 from hpcdl.data.dataset import load_dataset
-from hpcdl.data.loader import BatchLoader, eval_batches
+from hpcdl.data.loader import BatchLoader
 from hpcdl.data.sampler import ShardedSampler
 from hpcdl.errors import ConfigError, DataError, UserError
 from hpcdl.layers import attach_sync_batchnorm, count_correct, softmax_cross_entropy
@@ -77,6 +77,7 @@ class Run:
 
     def close(self) -> None:
         self.loader.close()
+        self.data.close()
         if self.watchdog is not None:
             self.watchdog.close()
         self.stop_signals.restore()
@@ -103,21 +104,34 @@ def _setup(config: Config, out_dir: Path) -> Run:
         if world.size > 1 and config.comm.stall_timeout_s > 0 else None
 
     # -- data: the same permutation on every rank, each rank its slice of each global batch ---------
-    data = load_dataset(config.data.dataset, path=config.data.path or None, data_dir=config.data.data_dir or None,
-                        download=config.data.download, synthetic_size=config.data.synthetic_samples,
-                        synthetic_shape=tuple(config.data.synthetic_shape), seed=config.train.seed)
-    train_cfg = config.train
-    sampler = ShardedSampler(len(data.train_labels), train_cfg.global_batch, world.rank, world.size, train_cfg.seed,
-                             accumulate_steps=train_cfg.accumulate_steps)
-    augmenter = Augmenter(mean=data.mean, std=data.std, pad=config.data.random_crop_pad,
-                          flip=config.data.random_flip, seed=train_cfg.seed)
-    loader = BatchLoader(data.train_images, data.train_labels, sampler, augmenter, xp=xp)
+    data_cfg, train_cfg = config.data, config.train
+    data = load_dataset(data_cfg.dataset, path=data_cfg.path or None, data_dir=data_cfg.data_dir or None,
+                        download=data_cfg.download, synthetic_size=data_cfg.synthetic_samples,
+                        synthetic_shape=tuple(data_cfg.synthetic_shape), seed=train_cfg.seed)
+    try:
+        sampler = ShardedSampler(data.train.count, train_cfg.global_batch, world.rank, world.size, train_cfg.seed,
+                                 accumulate_steps=train_cfg.accumulate_steps)
+        train_transform, eval_transform = build_transforms(
+            data.input_shape, mean=data.mean, std=data.std, seed=train_cfg.seed, image_size=data_cfg.image_size,
+            short_side=data.short_side, random_resized_crop=data_cfg.random_resized_crop,
+            scale=data_cfg.crop_scale, ratio=data_cfg.crop_ratio, pad=data_cfg.random_crop_pad,
+            flip=data_cfg.random_flip, eval_crop_fraction=data_cfg.eval_crop_fraction)
+        loader = BatchLoader(data, sampler, train_transform, eval_transform, eval_batch=train_cfg.eval_batch,
+                             prefetch=data_cfg.prefetch, workers=data_cfg.workers, worker_kind=data_cfg.worker_kind,
+                             memory_bytes=int(data_cfg.memory_mb * 2**20), xp=xp)
+    except ConfigError as exc:  # the same config and file give every rank the same plan, and the same error
+        data.close()
+        raise _collective(exc)
+    except BaseException:
+        data.close()
+        raise
+    input_shape = loader.output_shape
 
     # -- model and its arena: every parameter and gradient is a view into two flat buffers --------
     model_options = dict(config.model.options)
     if config.comm.sync_batchnorm:
         model_options.setdefault("sync_bn", True)
-    model = models.build(config.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
+    model = models.build(config.model.name, input_shape=input_shape, num_classes=data.num_classes,
                          **model_options)
     arena = Arena(model.parameters(), xp=xp, seed=train_cfg.seed)
     if config.comm.sync_batchnorm and not attach_sync_batchnorm(model, lambda v: world.allreduce(v, op="sum")):
@@ -126,7 +140,7 @@ def _setup(config: Config, out_dir: Path) -> Run:
     guard.check_consistency(world.mpi_comm, {
         "model": arena.signature(),
         "config": config.to_json(),
-        "dataset": f"{len(data.train_labels)}:{data.input_shape}:{data.num_classes}",
+        "dataset": f"{data.train.count}:{input_shape}:{data.num_classes}",
         "hpcdl": _version(),
     })
     world.bcast(arena.params, root=0)  # identical already by seed; this makes it a fact
@@ -170,10 +184,11 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
     progress = Progress(r.total_steps, enabled=r.rank == 0 and config.log.progress)
     if r.rank == 0:
         progress.message(_banner(r, threads, resume_path))
+        progress.message(f"hpcdl: {r.data.summary()}\nhpcdl: {r.loader.describe()}")
         log.write("start", world_size=r.world.size, global_batch=train_cfg.global_batch,
                   steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps, start_step=start_step,
                   algorithm=r.world.name, threads=threads, parameters=r.arena.num_parameters,
-                  schedule=r.schedule.describe(), config=config.to_dict())
+                  schedule=r.schedule.describe(), data=r.loader.plan.as_dict(), config=config.to_dict())
 
     eval_every = round(train_cfg.eval_every_epochs * r.steps_per_epoch) if train_cfg.eval_every_epochs else 0
     consecutive_skips, window_images, window_start = 0, 0, time.perf_counter()
@@ -232,6 +247,7 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
         last_eval = evaluate(r)
     seconds = time.perf_counter() - started
     param_norm = float(np.linalg.norm(backend.to_host(r.arena.params).astype(np.float64)))
+    peak_rss = r.world.allgather_obj(_peak_rss_mb(r.loader.worker_pids))
     progress.close()
     if r.rank != 0:
         return None
@@ -248,6 +264,8 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
         "images_per_s": round((step - start_step) * train_cfg.global_batch / seconds, 1),
         "skipped_steps": skipped_total,
         "stopped_early": step < r.total_steps,
+        "peak_rss_mb": [rank_rss for rank_rss, _ in peak_rss],
+        "worker_peak_rss_mb": [workers for _, workers in peak_rss],
         "out": str(r.out_dir),
     }
     log.write("summary", **summary)
@@ -264,12 +282,14 @@ def _train_step(r: Run, step: int, lr: float):
     if step + 1 in r.injected["raise"]:
         raise RuntimeError(f"{faults.FAULT_ENV}: raise-at-step:{step + 1}")
     rank_stats = np.zeros(5)
-    r.timer.switch("data")
-    _mark(r, step, "data")
-    batch = r.loader.next_step()
+    r.timer.switch("forward")
     r.arena.zero_grads()
-    last = len(batch.micro_batches) - 1
-    for micro, (x, y) in enumerate(batch.micro_batches):
+    batch = r.loader.next_step()
+    last = batch.micro_steps - 1
+    for micro in range(batch.micro_steps):
+        r.timer.switch("data")  # only the wait for the prefetch workers, or the batch itself without prefetch
+        _mark(r, step, "data")
+        x, y = batch.take(micro)
         r.timer.switch("forward")
         _mark(r, step, "forward")
         logits = r.model.forward(x)
@@ -302,12 +322,11 @@ def _train_step(r: Run, step: int, lr: float):
 
 
 def evaluate(r: Run) -> dict:
-    """Test loss and accuracy over the whole test split, each rank its shard."""
+    """Test loss and accuracy over the whole test split, each rank its shard, streamed like training."""
     _average_buffers(r)
     r.model.eval()
     totals = np.zeros(3)
-    for x, y in eval_batches(r.data.test_images, r.data.test_labels, r.config.train.eval_batch, r.world.rank,
-                             r.world.size, r.data.mean, r.data.std, xp=r.arena.xp):
+    for x, y in r.loader.eval_batches():
         logits = r.model.forward(x)
         loss, _ = softmax_cross_entropy(logits, y, normalizer=1)
         totals += (float(loss), int(count_correct(logits, y)), len(y))
@@ -415,6 +434,27 @@ def _mark(r: Run, step: int, phase: str) -> None:
 
 def _waiting(r: Run, what: str):
     return r.watchdog.waiting(what) if r.watchdog is not None else contextlib.nullcontext()
+
+
+def _peak_rss_mb(worker_pids) -> tuple[float, list[float]]:
+    """(this rank's peak resident set, each live data worker process's), in MiB, from VmHWM."""
+    def vm_hwm(pid) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
+        if pid == "self":  # no /proc: getrusage's peak (KiB on Linux, bytes on macOS)
+            import resource
+            import sys
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return round(peak / (2**20 if sys.platform == "darwin" else 1024), 1)
+        return float("nan")
+
+    return vm_hwm("self"), [vm_hwm(pid) for pid in worker_pids]
 
 
 def _local_rank(world) -> int:

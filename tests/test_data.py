@@ -13,10 +13,9 @@ import pytest
 
 from hpcdl.data import fashion_mnist
 from hpcdl.data.augment import Augmenter, augment_reference, crop_flip, draw_offsets, normalize
-from hpcdl.data.dataset import load_dataset, synthetic_dataset
+from hpcdl.data.dataset import load_dataset, load_fashion_mnist, synthetic_dataset
 from hpcdl.data.hdf5 import read_hdf5, read_hdf5_meta, row_checksums, write_hdf5
 from hpcdl.data.idx import IDX_FILES, read_idx, write_idx
-from hpcdl.data.loader import BatchLoader, eval_batches
 from hpcdl.data.sampler import ShardedSampler
 from hpcdl.data.validate import channel_stats
 from hpcdl.errors import ConfigError, DataError
@@ -280,7 +279,7 @@ def nowhere(tmp_path, monkeypatch):
 
 def test_not_found_message_says_how_to_get_the_data(nowhere):
     with pytest.raises(DataError) as excinfo:
-        fashion_mnist.load_fashion_mnist(download=False)
+        load_fashion_mnist(download=False)
     one_line_error(excinfo, "Fashion-MNIST not found", "$HPCDL_DATA", str(nowhere / "no-debian"),
                    "sudo apt-get install -y dataset-fashion-mnist", "--data-dir DIR", "download disabled")
     assert not (nowhere / "cache").exists()  # download=False never touches the cache
@@ -381,7 +380,7 @@ def test_idx_and_hdf5_datasets(tiny_idx_dir, tiny_hdf5, tiny_split):
 def test_inconsistent_idx_files_name_the_labels_file(tiny_idx_dir, labels, fragments):
     write_idx(tiny_idx_dir / "train-labels-idx1-ubyte.gz", labels)
     with pytest.raises(DataError) as excinfo:
-        fashion_mnist.load_fashion_mnist(tiny_idx_dir, download=False)
+        load_fashion_mnist(tiny_idx_dir, download=False)
     one_line_error(excinfo, str(tiny_idx_dir), *fragments)
 
 
@@ -475,45 +474,7 @@ def test_augmentation_on_cupy_matches_numpy(cupy):
     np.testing.assert_allclose(cupy.asnumpy(device), host, atol=1e-6)
 
 
-# -- loader --------------------------------------------------------------------------------------
-
-def test_loader_prefetch_is_bit_identical_and_resumable():
-    data = synthetic_dataset((50, 10), (1, 6, 6), num_classes=3, seed=1)
-    augment = Augmenter(mean=data.mean, std=data.std, pad=1, seed=5)
-
-    def run(prefetch, steps, state=None):
-        sampler = ShardedSampler(50, 12, rank=1, world_size=2, seed=4, accumulate_steps=2, drop_last=False)
-        with BatchLoader(data.train_images, data.train_labels, sampler, augment, prefetch=prefetch) as loader:
-            if state:
-                loader.load_state_dict(state)
-            batches = [loader.next_step() for _ in range(steps)]
-            return batches, loader.state_dict()
-
-    plain, state_plain = run(False, 7)
-    ahead, state_ahead = run(True, 7)
-    assert state_plain == state_ahead == {"epoch": 1, "step_in_epoch": 2, "seed": 4, "num_samples": 50,
-                                          "global_batch": 12}
-    assert [b.global_count for b in plain] == [12, 12, 12, 12, 2, 12, 12]  # kept short tail at step 4
-    for a, b in zip(plain, ahead):
-        assert (a.epoch, a.step) == (b.epoch, b.step) and len(a.micro_batches) == 2
-        for (xa, ya), (xb, yb) in zip(a.micro_batches, b.micro_batches):
-            np.testing.assert_array_equal(xa, xb)
-            np.testing.assert_array_equal(ya, yb)
-    resumed, _ = run(True, 3, state=run(False, 4)[1])
-    for a, b in zip(plain[4:], resumed):
-        for (xa, _), (xb, _) in zip(a.micro_batches, b.micro_batches):
-            np.testing.assert_array_equal(xa, xb)
-
-
-def test_eval_batches_cover_every_sample_once(tiny_split):
-    images, labels = tiny_split(23, (1, 3, 3))
-    seen = []
-    for rank in range(3):
-        for x, y in eval_batches(images, labels, 4, rank, 3, mean=[0.5], std=[0.5]):
-            assert x.dtype == np.float32 and len(x) <= 4
-            seen.extend(y.tolist())
-    assert seen == labels.tolist()
-
+# -- HDF5 rows by offset ---------------------------------------------------------------------------
 
 def test_image_rows_read_virtual_datasets_by_offset_and_count_bytes(tmp_path, tiny_hdf5, tiny_split):
     """Rows of a virtual dataset over contiguous sources come straight from the source files."""

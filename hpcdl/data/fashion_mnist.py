@@ -107,13 +107,6 @@ def locate_fashion_mnist(data_dir=None, download: bool = False) -> Path:
     raise DataError(f"Fashion-MNIST not found in {', '.join(searched)}{failure}: {INSTALL_HINT}")
 
 
-def load_fashion_mnist(data_dir=None, download: bool = True):
-    """Fashion-MNIST as a Dataset: 60,000 train and 10,000 test images, 1×28×28, 10 classes."""
-    from hpcdl.data.dataset import dataset_from_idx_dir
-
-    return dataset_from_idx_dir(locate_fashion_mnist(data_dir, download=download), CLASS_NAMES)
-
-
 def download_fashion_mnist(target: Path = None, base_url: str = None, timeout: float = None) -> Path:
     """Fetch the missing .gz files into `target`, each verified and renamed into place atomically."""
     target = Path(target or CACHE_DIR)

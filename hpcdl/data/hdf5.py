@@ -36,6 +36,7 @@ light to import.
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ FORMAT_VERSION = 2
 SPLITS = ("train", "test")
 DEFAULT_CHUNK_ROWS = 256  # only for layout="chunked" (format version 1 files)
 LAYOUTS = ("contiguous", "chunked")
+PAGE = 4096
+# h5py.File keywords that start every dataset of 64 KiB or more on a page boundary. A row
+# whose size is a whole number of pages (3×256×256 = 48 pages) then never shares a page with
+# its neighbours, so a cold read fetches exactly its bytes (measured: 1.000× instead of 1.02×).
+PAGE_ALIGNED = {"alignment_threshold": 1 << 16, "alignment_interval": PAGE}
 
 
 def row_checksums(images: np.ndarray) -> np.ndarray:
@@ -165,7 +171,7 @@ def hdf5_writer(path, layout: str = "contiguous", temp=None):
 
     path = Path(path)
     with atomic_output(path, temp=temp) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", **PAGE_ALIGNED) as f:
             yield SplitWriter(f, path, layout)
 
 
@@ -354,8 +360,9 @@ class ImageRows:
     bytes delivered under a shuffled training order; leave it off for
     sequential scans (evaluation), where readahead helps.
 
-    Safe to share between threads (pread has no file position). A process
-    that forks should open its own with `ImageRows(*rows.spec)`.
+    Safe to share between threads (pread has no file position; opening
+    files and counting bytes take a lock). A process that forks should open
+    its own with `ImageRows(*rows.spec)`.
     """
 
     def __init__(self, path, split: str, *, verify: bool = True, random_access: bool = True):
@@ -363,6 +370,7 @@ class ImageRows:
         self.path, self.split = path, split
         self.verify, self.random_access = bool(verify), bool(random_access)
         self.bytes_read = 0
+        self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._h5 = None
         with _open(path) as f:
@@ -399,14 +407,18 @@ class ImageRows:
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
-        if fd is None:
-            try:
-                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as exc:
-                raise DataError(f"{file}: cannot open: {exc.strerror or exc}") from None
-            if self.random_access and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self._fds[file] = fd
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as exc:
+                    raise DataError(f"{file}: cannot open: {exc.strerror or exc}") from None
+                if self.random_access and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[file] = fd
         return fd
 
     def read(self, rows, out: np.ndarray | None = None) -> np.ndarray:
@@ -446,7 +458,8 @@ class ImageRows:
                 raise DataError(f"{file}: truncated: {len(buffer) - done} bytes missing at byte {offset + done} "
                                 f"(rows of {self.path}:{self.split})")
             done += n
-        self.bytes_read += done
+        with self._lock:
+            self.bytes_read += done
 
     def _check(self, rows: np.ndarray, flat: np.ndarray) -> None:
         for k, row in enumerate(rows):
@@ -457,15 +470,17 @@ class ImageRows:
     def _read_chunked(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         import h5py
 
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r", locking=False)
+        with self._lock:
+            if self._h5 is None:
+                self._h5 = h5py.File(self.path, "r", locking=False)
         try:
             out[...] = _read_rows(self._h5[f"{self.split}/images"], rows)
         except (OSError, KeyError, RuntimeError) as exc:
             raise DataError(f"{self.path}: read failed (corrupt or truncated file?): {_first_line(exc)}") from None
         chunks = np.unique(rows // max(self.chunk_rows, 1))
-        self.bytes_read += int(sum(min(self.chunk_rows, self.count - c * self.chunk_rows) for c in chunks)) \
-            * self.row_bytes
+        touched = int(sum(min(self.chunk_rows, self.count - c * self.chunk_rows) for c in chunks)) * self.row_bytes
+        with self._lock:
+            self.bytes_read += touched
         return out
 
     def close(self) -> None:
@@ -522,6 +537,16 @@ def read_hdf5(path, split: str, rows=None) -> tuple[np.ndarray, np.ndarray]:
         return reader.read(rows), np.ascontiguousarray(reader.labels[rows])
 
 
+def _alignment(reader: ImageRows) -> str:
+    """How a row lies against 4 KiB pages: what a cold read of one row costs beyond its bytes."""
+    rows_aligned = all(e.offset % PAGE == 0 for e in reader.extents) and reader.row_bytes % PAGE == 0
+    if rows_aligned:
+        return f"rows of {reader.row_bytes:,} B start on page boundaries (cold reads fetch exactly a row)"
+    pages = -(-reader.row_bytes // PAGE) + 1
+    return (f"rows of {reader.row_bytes:,} B are not page-aligned (a cold read fetches up to {pages} pages, "
+            f"{pages * PAGE / reader.row_bytes:.3f}× a row)")
+
+
 def describe_hdf5(path) -> str:
     """Human-readable summary for `hpcdl data info`: splits, storage layout, statistics, classes."""
     path = Path(path)
@@ -536,9 +561,11 @@ def describe_hdf5(path) -> str:
                            f"(up to {reader.chunk_rows}× read amplification); re-convert for random access")
             elif reader.layout == "virtual":
                 files = len({e.file for e in reader.extents})
-                storage = f"virtual over {len(reader.extents)} contiguous sources in {files} file(s), rows read by offset"
+                storage = (f"virtual over {len(reader.extents)} contiguous sources in {files} file(s), rows read by "
+                           f"offset, CRC-32 per row; {_alignment(reader)}")
             else:
-                storage = "contiguous, rows read by offset, CRC-32 per row"
+                storage = (f"contiguous at byte {reader.extents[0].offset:,}, rows read by offset, CRC-32 per row; "
+                           f"{_alignment(reader)}")
         mb = info["count"] * int(np.prod(info["shape"])) / 1e6
         lines.append(f"  {split:5s} {info['count']:>9,} images {shape} uint8 (NCHW), {mb:,.1f} MB; {storage}")
     lines.append("  mean  " + ", ".join(f"{m:.4f}" for m in meta["mean"]))

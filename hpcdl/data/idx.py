@@ -123,3 +123,27 @@ def find_idx_files(directory) -> tuple[dict[str, Path], list[str]]:
         else:
             missing.append(stem)
     return found, missing
+
+
+def read_idx_dir(directory) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """The four MNIST-layout arrays of `directory` (images N×H×W, labels N) and the files they came from.
+
+    Checks what the IDX headers alone cannot: every file present, images
+    three-dimensional, labels one-dimensional, one label per image.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory")
+    found, missing = find_idx_files(directory)
+    if missing:
+        raise DataError(f"{directory}: missing IDX file(s) {', '.join(m + '(.gz)' for m in missing)}")
+    arrays = {role: read_idx(path) for role, path in found.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(f"{found[f'{split}_images']}: expected N×H×W images and N labels, "
+                            f"got {images.shape} and {labels.shape}")
+        if len(images) != len(labels):
+            raise DataError(f"{found[f'{split}_labels']}: {len(labels)} labels for {len(images)} images "
+                            f"in {found[f'{split}_images'].name}")
+    return arrays, found

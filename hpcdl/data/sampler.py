@@ -85,7 +85,9 @@ class ShardedSampler:
         self.micro_batch = self.global_batch // (self.world_size * self.accumulate_steps)
         self.epoch = 0
         self.step_in_epoch = 0
-        self._cache = (None, None)  # (epoch, permutation): one tuple, so a prefetch thread never sees a mix
+        # ((epoch, permutation), ...) of the last two epochs used, replaced as one tuple so worker
+        # threads never see a mix; two, because prefetching runs ahead across an epoch boundary.
+        self._cache = ()
 
     # -- the order ----------------------------------------------------------------------
     @property
@@ -95,16 +97,27 @@ class ShardedSampler:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The epoch's sample order, identical on every rank (cached for the current epoch)."""
-        cached_epoch, order = self._cache
-        if cached_epoch != epoch:
-            if self.shuffle:
-                order = np.random.default_rng((self.seed, int(epoch))).permutation(self.num_samples)
-            else:
-                order = np.arange(self.num_samples)
-            order = order.astype(np.int64, copy=False)
-            order.flags.writeable = False  # shared by every caller: nobody may shuffle it in place
-            self._cache = (epoch, order)
+        for cached_epoch, order in self._cache:
+            if cached_epoch == epoch:
+                return order
+        if self.shuffle:
+            order = np.random.default_rng((self.seed, int(epoch))).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        order = order.astype(np.int64, copy=False)
+        order.flags.writeable = False  # shared by every caller: nobody may shuffle it in place
+        self._cache = ((epoch, order),) + self._cache[:1]
         return order
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the cached permutations take at most (two epochs of int64 indices)."""
+        return 2 * 8 * self.num_samples
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = ()  # a worker process draws its own; pickling it would copy 8 bytes per sample
+        return state
 
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.steps_per_epoch:
@@ -170,7 +183,7 @@ class ShardedSampler:
             raise DataError(f"sampler state: position epoch {epoch}, step {step} is outside an epoch of "
                             f"{self.steps_per_epoch} steps")
         self.seed = int(state["seed"])
-        self._cache = (None, None)
+        self._cache = ()
         self.epoch, self.step_in_epoch = epoch, step
 
 
