@@ -120,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hpcdl: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `hpcdl data info FILE | head` closed our stdout: quiet, as other Unix tools are.
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -498,3 +498,20 @@ def test_image_rows_read_virtual_datasets_by_offset_and_count_bytes(tmp_path, ti
         np.testing.assert_array_equal(reader.read(rows), train_images[[29, 0, 11, 12, 13, 39, 10]])
         assert reader.bytes_read == len(rows) * 3 * 6 * 5  # read amplification exactly 1
         np.testing.assert_array_equal(reader.labels[rows], train_labels[[29, 0, 11, 12, 13, 39, 10]])
+
+
+def test_data_info_into_a_closed_pipe_is_quiet(tiny_hdf5):
+    """`hpcdl data info FILE | head -1`: the reader leaves early; no traceback, the usual 141."""
+    import os
+    import subprocess
+    import sys
+
+    reader, writer = os.pipe()
+    os.close(reader)  # a pipe whose reader has gone: every write fails with EPIPE
+    try:
+        run = subprocess.run([sys.executable, "-m", "hpcdl", "data", "info", str(tiny_hdf5)],
+                             stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert run.returncode == 141, run.stderr
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
