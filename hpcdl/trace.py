@@ -1,0 +1,221 @@
+"""A timeline of chosen steps in Chrome-trace JSON, one track per rank.
+
+`hpcdl train --trace FILE` (or `log.trace_steps = [first, last]`) records
+what every rank did in steps first..last: the step, its phases (data wait,
+forward, backward, allreduce, optimizer), each gradient bucket's allreduce from
+its start to its completion, evaluation and checkpoints. At the end rank 0
+gathers the events and writes one file, which chrome://tracing, Perfetto
+(ui.perfetto.dev, "Open trace file") and speedscope open directly.
+
+Layout of the file: process `pid = rank` is named "rank r", so each rank is
+one group of tracks; in it, thread 0 holds the steps with their phases nested
+inside, and thread 100 + k holds bucket k's allreduce, which overlaps backward
+and its neighbours and so cannot share a track with them. A straggler shows as
+one rank's phase running long while the others sit in "allreduce".
+
+Clocks. Every rank records its own `MPI_Wtime` (or `time.perf_counter`
+without MPI). At start-up rank 0 estimates each rank's offset by Cristian's
+method: several ping-pongs, and the one with the shortest round trip gives
+offset = t_rank - (t_send + t_reply) / 2, good to half that round trip
+(microseconds within a node, a few more across a network). Timestamps in the
+file are rank 0's clock, in microseconds from the first recorded event.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+STEP_TRACK = 0
+BUCKET_TRACK_BASE = 100
+FORMAT = "hpcdl-trace/1"
+
+
+def default_clock():
+    """MPI_Wtime when mpi4py is loaded (the clock the offsets are measured on), else perf_counter."""
+    try:
+        from mpi4py import MPI
+
+        return MPI.Wtime
+    except ImportError:  # pragma: no cover - mpi4py is a dependency
+        return time.perf_counter
+
+
+class Tracer:
+    """Collects complete events ("X": name, start, end) of the steps in [first, last] (1-based)."""
+
+    enabled = True
+
+    def __init__(self, rank: int, first: int, last: int, clock=None):
+        if not 1 <= first <= last:
+            raise ValueError(f"trace steps must satisfy 1 <= first <= last, got [{first}, {last}]")
+        self.rank, self.first, self.last = int(rank), int(first), int(last)
+        self.clock = clock or default_clock()
+        self.events: list[tuple] = []  # (name, category, track, start_s, end_s, args)
+        self.recording = False
+        self._open: dict[int, list[tuple[str, str, float, dict]]] = {}
+
+    # -- what the trainer calls -----------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """`step` is the 1-based number of the step about to run."""
+        self.recording = self.first <= step <= self.last
+        if self.recording:
+            self.begin(f"step {step}", "step", args={"step": step})
+
+    def end_step(self) -> None:
+        if self.recording:
+            self.close_track(STEP_TRACK)
+        self.recording = False
+
+    def begin(self, name: str, category: str, track: int = STEP_TRACK, args: dict | None = None) -> None:
+        """Open a span on `track`; spans on one track nest (a stack per track)."""
+        if self.recording:
+            self._open.setdefault(track, [])
+            self._open[track].append((name, category, self.clock(), args or {}))
+
+    def end(self, track: int = STEP_TRACK) -> None:
+        stack = self._open.get(track)
+        if self.recording and stack:
+            name, category, start, args = stack.pop()
+            self.events.append((name, category, track, start, self.clock(), args))
+
+    def close_track(self, track: int) -> None:
+        while self._open.get(track):
+            self.end(track)
+
+    def complete(self, name: str, category: str, start: float, end: float, track: int = STEP_TRACK,
+                 args: dict | None = None) -> None:
+        """A span measured elsewhere (a bucket's start and completion times, on this tracer's clock)."""
+        if self.recording:
+            self.events.append((name, category, track, float(start), float(end), args or {}))
+
+    @contextlib.contextmanager
+    def span(self, name: str, category: str, track: int = STEP_TRACK, args: dict | None = None):
+        self.begin(name, category, track, args)
+        try:
+            yield
+        finally:
+            self.end(track)
+
+    def phase(self, name: str | None) -> None:
+        """Switch the current phase inside the open step: closes the previous phase span."""
+        if not self.recording:
+            return
+        stack = self._open.get(STEP_TRACK, [])
+        while len(stack) > 1:  # leave the step span open
+            self.end(STEP_TRACK)
+        if name is not None:
+            self.begin(name, "phase")
+
+
+class NullTracer:
+    """What every rank holds when no trace was asked for: every call does nothing."""
+
+    enabled = recording = False
+    clock = staticmethod(time.perf_counter)
+
+    def __getattr__(self, name):
+        return _nothing
+
+    def span(self, *args, **kwargs):
+        return contextlib.nullcontext()
+
+
+def _nothing(*args, **kwargs):
+    return None
+
+
+# -- clocks -----------------------------------------------------------------------------------
+
+def clock_offsets(mpi_comm, clock=None, rounds: int = 8) -> list[float]:
+    """Every rank's clock minus rank 0's, in seconds (Cristian's method); the same list on every rank."""
+    clock = clock or default_clock()
+    rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+    offsets = [0.0] * size
+    for peer in range(1, size):
+        if rank == 0:
+            best_rtt, best = float("inf"), 0.0
+            for _ in range(rounds):
+                sent = clock()
+                mpi_comm.send(None, dest=peer, tag=7001)
+                theirs = mpi_comm.recv(source=peer, tag=7002)
+                back = clock()
+                if back - sent < best_rtt:
+                    best_rtt, best = back - sent, theirs - (sent + back) / 2
+            offsets[peer] = best
+        elif rank == peer:
+            for _ in range(rounds):
+                mpi_comm.recv(source=0, tag=7001)
+                mpi_comm.send(clock(), dest=0, tag=7002)
+    return mpi_comm.bcast(offsets, root=0)
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+def chrome_trace(per_rank_events: list[list[tuple]], offsets: list[float], metadata: dict | None = None) -> dict:
+    """The Chrome-trace object for events gathered from every rank (index = rank)."""
+    starts = [start - offsets[rank] for rank, events in enumerate(per_rank_events) for _, _, _, start, _, _ in events]
+    origin = min(starts) if starts else 0.0
+    trace_events = []
+    for rank, events in enumerate(per_rank_events):
+        trace_events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}})
+        trace_events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
+                             "args": {"sort_index": rank}})
+        tracks = sorted({track for _, _, track, _, _, _ in events} | {STEP_TRACK})
+        for track in tracks:
+            label = "steps" if track == STEP_TRACK else f"bucket {track - BUCKET_TRACK_BASE} allreduce"
+            trace_events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": track, "args": {"name": label}})
+        # Longer spans first at equal start, so viewers nest children under their parents.
+        for name, category, track, start, end, args in sorted(events, key=lambda e: (e[2], e[3], -(e[4] - e[3]))):
+            trace_events.append({
+                "name": name, "cat": category, "ph": "X", "pid": rank, "tid": track,
+                "ts": round((start - offsets[rank] - origin) * 1e6, 3),
+                "dur": round(max(end - start, 0.0) * 1e6, 3),
+                "args": args,
+            })
+    return {"traceEvents": trace_events, "displayTimeUnit": "ms",
+            "otherData": {"format": FORMAT, "ranks": len(per_rank_events),
+                          "clock_offsets_s": [round(o, 9) for o in offsets], **(metadata or {})}}
+
+
+def write(mpi_comm, tracer, offsets: list[float], path: str | os.PathLike, metadata: dict | None = None) -> Path | None:
+    """Gather every rank's events to rank 0, which writes the file atomically; returns its path on rank 0."""
+    gathered = mpi_comm.gather(list(tracer.events) if tracer.enabled else [], root=0)
+    if mpi_comm.Get_rank() != 0:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as f:
+        json.dump(chrome_trace(gathered, offsets, metadata), f)
+    os.replace(temporary, path)
+    return path
+
+
+def problems(trace: dict) -> list[str]:
+    """What is wrong with a trace object: missing fields, negative durations, spans on one track that overlap
+    without nesting. Empty when it is well formed."""
+    found = []
+    spans: dict[tuple, list[tuple[float, float, str]]] = {}
+    for i, event in enumerate(trace.get("traceEvents", [])):
+        if event.get("ph") == "M":
+            continue
+        if event.get("ph") != "X" or not all(k in event for k in ("name", "ts", "dur", "pid", "tid")):
+            found.append(f"event {i}: not a complete event with name, ts, dur, pid and tid: {event}")
+            continue
+        if event["dur"] < 0:
+            found.append(f"event {i} ({event['name']}): negative duration")
+        spans.setdefault((event["pid"], event["tid"]), []).append((event["ts"], event["ts"] + event["dur"], event["name"]))
+    tolerance_us = 0.01
+    for (pid, tid), items in spans.items():
+        stack: list[tuple[float, float, str]] = []
+        for start, end, name in sorted(items, key=lambda s: (s[0], -(s[1] - s[0]))):
+            while stack and start >= stack[-1][1] - tolerance_us:
+                stack.pop()
+            if stack and end > stack[-1][1] + tolerance_us:
+                found.append(f"rank {pid} track {tid}: {name!r} [{start}, {end}] overlaps {stack[-1][2]!r} "
+                             f"[{stack[-1][0]}, {stack[-1][1]}] without nesting")
+            stack.append((start, end, name))
+    return found
