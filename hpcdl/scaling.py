@@ -5,6 +5,7 @@ Run it under the launcher with the rank count you have:
     mpiexec -n 2 hpcdl scaling --model resnet18 --per-rank-batch 32
     mpiexec -n 2 hpcdl bench allreduce --json ar.json   # then fit the model to your network:
     mpiexec -n 2 hpcdl scaling --model resnet50 --input-shape 3,224,224 --bench-json ar.json
+    hpcdl scaling predict --help                        # a whole run on a machine you do not have
 
 What it does, on synthetic data so nothing else varies:
 
@@ -88,6 +89,13 @@ def measure(args, world):
 
 
 def main(argv=None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["predict"]:  # a whole run on a machine you do not have: no MPI needed
+        from hpcdl.projection import main as predict_main
+
+        return predict_main(argv[1:])
     from hpcdl import comm, perfmodel
 
     args = _parse_args(argv)
