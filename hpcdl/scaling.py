@@ -6,6 +6,7 @@ Run it under the launcher with the rank count you have:
     mpiexec -n 2 hpcdl bench allreduce --json ar.json   # then fit the model to your network:
     mpiexec -n 2 hpcdl scaling --model resnet50 --input-shape 3,224,224 --bench-json ar.json
     hpcdl scaling predict --help                        # a whole run on a machine you do not have
+    hpcdl scaling sweep --ranks 1,2,3,4 --out DIR       # measured vs modelled step at each rank count
 
 What it does, on synthetic data so nothing else varies:
 
@@ -96,6 +97,10 @@ def main(argv=None) -> int:
         from hpcdl.projection import main as predict_main
 
         return predict_main(argv[1:])
+    if argv[:1] == ["sweep"]:  # launches its own mpiexec runs, one per rank count
+        from hpcdl.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     from hpcdl import comm, perfmodel
 
     args = _parse_args(argv)
