@@ -72,6 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", metavar="DIR", help="shortcut for --set data.data_dir=DIR")
     train.add_argument("--device", choices=["cpu", "gpu"], help="shortcut for --set runtime.device=...")
     train.add_argument("--threads", type=int, metavar="N", help="shortcut for --set runtime.threads=N")
+    train.add_argument("--trace", metavar="FILE", help="write a Chrome-trace timeline (one track per rank) of "
+                       "log.trace_steps, default steps 1-20; open it in ui.perfetto.dev or chrome://tracing")
     train.add_argument("--help-config", action="store_true", help="print every config key with type, default and meaning")
 
     bench = sub.add_parser("bench", help="measure layers, allreduce or optimizer kernels (prints a table and JSON)")
@@ -168,6 +170,8 @@ def _train(args) -> int:
         overrides.append(f"runtime.device={args.device!r}")
     if args.threads is not None:
         overrides.append(f"runtime.threads={args.threads}")
+    if args.trace:
+        overrides.append(f"log.trace_file={args.trace!r}")
     try:
         config = config_mod.load(args.config, overrides)
     except UserError as exc:

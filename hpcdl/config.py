@@ -132,6 +132,9 @@ class LogConfig:
     progress: bool = _key(True, "progress bar with images/s on rank 0 (stderr)")
     layer_stats_every: int = _key(0, "log per-layer ||w||, ||g||, trust ratio every N steps; 0 = off", min=0)
     plots: bool = _key(True, "write curves.png (loss, accuracy, LR) at the end")
+    trace_steps: list = _key([], "[first, last]: write a Chrome-trace timeline of these steps (1-based), one track "
+                             "per rank (docs/scaling.md); [] = off unless --trace FILE, which traces [1, 20]")
+    trace_file: str = _key("", "where the timeline goes (--trace FILE); empty = <run directory>/trace.json")
 
 
 @dataclass
@@ -253,6 +256,10 @@ def _check_relations(config: Config, source: str):
     if data.worker_kind == "process" and data.prefetch and data.dataset != "hdf5":
         raise ConfigError(f"{source}: data.worker_kind: 'process' workers read HDF5 files; dataset "
                           f"{data.dataset!r} is in memory (use 'thread')")
+    steps = config.log.trace_steps
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+                      and 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"{source}: log.trace_steps: expected [] or [first, last] with 1 <= first <= last, got {steps!r}")
     train = config.train
     if train.global_batch % train.accumulate_steps:
         raise ConfigError(

@@ -65,9 +65,9 @@ class Tracer:
             self.begin(f"step {step}", "step", args={"step": step})
 
     def end_step(self) -> None:
+        """Closes the step; what follows it before the next step (evaluation, a checkpoint) is still recorded."""
         if self.recording:
             self.close_track(STEP_TRACK)
-        self.recording = False
 
     def begin(self, name: str, category: str, track: int = STEP_TRACK, args: dict | None = None) -> None:
         """Open a span on `track`; spans on one track nest (a stack per track)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcdl import backend, checkpoint, comm, faults, guard, models, optim
+from hpcdl import backend, checkpoint, comm, faults, guard, models, optim, trace
 from hpcdl.arena import Arena
 from hpcdl.config import Config
 from hpcdl.data.augment import build_transforms
@@ -69,6 +69,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    tracer: object = field(default_factory=trace.NullTracer)  # hpcdl.trace.Tracer when a timeline is asked for
+    clock_offsets: list = field(default_factory=list)  # each rank's clock minus rank 0's, for the timeline
     injected: dict = field(default_factory=dict)  # HPCDL_FAULT_INJECT steps, for the test suite
 
     @property
@@ -155,7 +157,9 @@ def _setup(config: Config, out_dir: Path) -> Run:
     schedule = optim.build_schedule(config.schedule, global_batch=train_cfg.global_batch,
                                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
+    tracer, offsets = _tracer(config, world, total_steps)
     return Run(
+        tracer=tracer, clock_offsets=offsets,
         config=config, world=world, data=data, loader=loader, model=model, arena=arena, reducer=reducer,
         optimizer=optimizer, schedule=schedule,
         checkpoints=checkpoint.CheckpointManager(out_dir / "checkpoints", keep=config.checkpoint.keep,
@@ -217,9 +221,10 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
         if step % config.log.every_steps == 0 or step == r.total_steps:
             seconds = time.perf_counter() - window_start
             images_per_s = window_images / max(seconds, 1e-9)
+            phases, slowest = _window_phases(r, seconds)
             log.write("step", step=step, epoch=round(step / r.steps_per_epoch, 4), loss=last_loss,
                       train_accuracy=stats[CORRECT] / max(stats[SAMPLES], 1), lr=lr, images_per_s=images_per_s,
-                      seconds={k: round(v, 4) for k, v in r.timer.drain().items()}, comm=r.reducer.stats)
+                      seconds=phases, seconds_max=slowest, comm=r.reducer.stats)
             progress.update(step, loss=last_loss, lr=lr, img_s=images_per_s)
             window_images, window_start = 0, time.perf_counter()
         if config.log.layer_stats_every and step % config.log.layer_stats_every == 0:
@@ -245,6 +250,7 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
     # -- the end --------------------------------------------------------------------------------
     if last_eval is None:
         last_eval = evaluate(r)
+    trace_path = _write_trace(r)
     seconds = time.perf_counter() - started
     param_norm = float(np.linalg.norm(backend.to_host(r.arena.params).astype(np.float64)))
     peak_rss = r.world.allgather_obj(_peak_rss_mb(r.loader.worker_pids))
@@ -268,6 +274,8 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
         "worker_peak_rss_mb": [workers for _, workers in peak_rss],
         "out": str(r.out_dir),
     }
+    if trace_path is not None:
+        summary["trace"] = str(trace_path)
     log.write("summary", **summary)
     log.close()
     if config.log.plots:
@@ -282,6 +290,7 @@ def _train_step(r: Run, step: int, lr: float):
     if step + 1 in r.injected["raise"]:
         raise RuntimeError(f"{faults.FAULT_ENV}: raise-at-step:{step + 1}")
     rank_stats = np.zeros(5)
+    r.tracer.begin_step(step + 1)
     r.timer.switch("forward")
     r.arena.zero_grads()
     batch = r.loader.next_step()
@@ -318,11 +327,17 @@ def _train_step(r: Run, step: int, lr: float):
     _mark(r, step, "optimizer")
     applied = r.optimizer.step(lr)  # False when the allreduced gradient is not finite: nothing changed
     r.timer.switch(None)
+    r.tracer.end_step()
     return rank_stats, applied
 
 
 def evaluate(r: Run) -> dict:
     """Test loss and accuracy over the whole test split, each rank its shard, streamed like training."""
+    with r.tracer.span("evaluate", "evaluate"):
+        return _evaluate(r)
+
+
+def _evaluate(r: Run) -> dict:
     _average_buffers(r)
     r.model.eval()
     totals = np.zeros(3)
@@ -372,11 +387,12 @@ def _checkpoint_state(r: Run, step: int, skipped_total: int) -> dict:
 
 
 def _save(r: Run, step: int, skipped_total: int) -> None:
-    _average_buffers(r)
-    if r.rank == 0:
-        r.checkpoints.save(step, _checkpoint_state(r, step, skipped_total))
-    r.checkpoint_clock.record_save()
-    r.world.barrier()  # nobody races ahead of a checkpoint that a restart will depend on
+    with r.tracer.span("checkpoint", "checkpoint"):
+        _average_buffers(r)
+        if r.rank == 0:
+            r.checkpoints.save(step, _checkpoint_state(r, step, skipped_total))
+        r.checkpoint_clock.record_save()
+        r.world.barrier()  # nobody races ahead of a checkpoint that a restart will depend on
 
 
 def _resolve_resume(resume: str | None, r: Run) -> Path | None:
@@ -428,8 +444,54 @@ def _collective(exc: UserError) -> UserError:
 
 
 def _mark(r: Run, step: int, phase: str) -> None:
+    """Entering `phase` of `step`: the stall watchdog and the timeline learn it (the timer is switched beside)."""
     if r.watchdog is not None:
         r.watchdog.mark(step, phase)
+    r.tracer.phase(phase)
+
+
+PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
+
+
+def _window_phases(r: Run, wall_s: float) -> tuple[dict, dict]:
+    """This logging window's seconds per phase on this rank, and the slowest rank's, `other` included.
+
+    `other` is the window's wall time the phases do not cover (logging, evaluation, checkpoints).
+    A synchronous step runs at the pace of its slowest rank: the per-phase maxima show which one
+    and where. One small allreduce per logging step, at the same steps on every rank.
+    """
+    totals = r.timer.drain()
+    local = np.array([totals.get(p, 0.0) for p in PHASES] + [0.0])
+    local[-1] = max(0.0, wall_s - local[:-1].sum())
+    slowest = local.copy()
+    if r.world.size > 1:
+        from mpi4py import MPI
+
+        r.world.mpi_comm.Allreduce(local, slowest, op=MPI.MAX)
+    names = PHASES + ("other",)
+    return ({n: round(float(v), 4) for n, v in zip(names, local)},
+            {n: round(float(v), 4) for n, v in zip(names, slowest)})
+
+
+def _tracer(config: Config, world, total_steps: int):
+    """A Tracer and the ranks' clock offsets when a timeline was asked for, else a NullTracer."""
+    steps = list(config.log.trace_steps)
+    if not steps and not config.log.trace_file:
+        return trace.NullTracer(), []
+    first, last = steps or (1, 20)
+    first, last = min(first, total_steps), min(last, total_steps)
+    offsets = trace.clock_offsets(world.mpi_comm) if world.size > 1 else [0.0]
+    return trace.Tracer(world.rank, first, last), offsets
+
+
+def _write_trace(r: Run):
+    """Gather the timeline to rank 0 and write it (collective); its path on rank 0, else None."""
+    if not r.tracer.enabled:
+        return None
+    path = Path(r.config.log.trace_file) if r.config.log.trace_file else r.out_dir / "trace.json"
+    return trace.write(r.world.mpi_comm, r.tracer, r.clock_offsets, path,
+                       metadata={"model": r.config.model.name, "algorithm": r.world.name,
+                                 "steps": [r.tracer.first, r.tracer.last], "world_size": r.world.size})
 
 
 def _waiting(r: Run, what: str):

@@ -114,3 +114,39 @@ def test_offsets_found_and_events_aligned_on_three_real_ranks(tmp_path):
     starts = [after[r]["ts"] for r in range(3)]
     # the barrier releases every rank within a few ms on this machine; 5 s of skew would show as 5e6 µs
     assert max(starts) - min(starts) < 50_000, starts
+
+
+@pytest.mark.mpi
+def test_two_rank_training_trace_has_a_track_per_rank_and_phases_that_cover_each_step(tmp_path):
+    """`mpiexec -n 2 hpcdl train --trace` on the main job's model: 20 steps, every rank, nested, covering."""
+    out, path = tmp_path / "run", tmp_path / "timeline.json"
+    config = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist_cnn.toml"
+    run = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, "-m", "hpcdl", "train", "--config", str(config), "--out", str(out),
+         "--trace", str(path), "--set", "data.dataset='synthetic'", "--set", "data.synthetic_samples=4096",
+         "--set", "train.max_steps=24", "--set", "schedule.warmup_epochs=0", "--set", "log.every_steps=8",
+         "--set", "log.plots=false", "--set", "checkpoint.every_steps=0", "--set", "log.progress=false"],
+        capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["trace"] == str(path)
+    obj = json.loads(path.read_text())
+    assert trace.problems(obj) == []
+    complete = [e for e in obj["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in complete} == {0, 1}
+    for rank in (0, 1):
+        steps = [e for e in complete if e["pid"] == rank and e["cat"] == "step"]
+        assert [e["args"]["step"] for e in steps] == list(range(1, 21))  # the default window, [1, 20]
+        for s in steps:
+            inside = sorted((e for e in complete if e["pid"] == rank and e["cat"] == "phase" and e["tid"] == 0
+                             and s["ts"] <= e["ts"] and e["ts"] + e["dur"] <= s["ts"] + s["dur"] + 0.01),
+                            key=lambda e: e["ts"])
+            assert [e["name"] for e in inside] == ["data", "forward", "backward", "allreduce", "optimizer"]
+            covered = sum(e["dur"] for e in inside)
+            # the phases cover the step but for the batch hand-over before the first one (microseconds)
+            assert covered <= s["dur"] + 0.01 and covered >= 0.9 * s["dur"], (s, inside)
+    # the slowest rank's phase times ride beside rank 0's in metrics.jsonl
+    windows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"kind": "step"' in line]
+    assert len(windows) == 3
+    for w in windows:
+        assert set(w["seconds"]) == set(w["seconds_max"]) >= {"forward", "backward", "allreduce", "other"}
+        assert all(w["seconds_max"][k] >= w["seconds"][k] for k in w["seconds"])
