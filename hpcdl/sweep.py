@@ -14,8 +14,9 @@ fit per regime: *dedicated* (ranks × threads ≤ cores) and *oversubscribed* (m
 4 ranks on this 2-core machine, where ranks time-share cores and every message waits for its
 peer to be scheduled: a different machine, so it gets its own α, β, γ). Each step is predicted
 as the compute the trainer measured at that P (data wait + forward + backward + optimizer of
-the slowest-paced rank 0 window) plus the model's allreduce of every gradient bucket. No overlap
-is assumed: with one core per rank the copies that move the data need the core that computes.
+the rank that computed longest in each logging window, `compute_max` in metrics.jsonl), plus
+rank 0's `other` (logging), plus the model's allreduce of every gradient bucket. No overlap is
+assumed: with one core per rank the copies that move the data need the core that computes.
 
 Writes `scaling.csv` (columns below), `efficiency.png` (measured and predicted efficiency
 against ranks) and `breakdown.png` (stacked compute and exposed allreduce against ranks), and
@@ -108,12 +109,16 @@ def step_breakdown(metrics_path: Path) -> dict:
         raise SystemExit(f"hpcdl scaling sweep: {metrics_path}: fewer than two logging windows; raise --steps")
     totals: dict[str, float] = {}
     steps = windows[-1]["step"] - windows[0]["step"]
+    compute_max = 0.0
     for window in windows[1:]:
         for phase, seconds in window["seconds"].items():
             totals[phase] = totals.get(phase, 0.0) + seconds
+        compute_max += window.get("compute_max", sum(v for k, v in window["seconds"].items()
+                                                     if k not in ("allreduce", "other")))
     per_step = {phase: total / steps for phase, total in totals.items()}
-    return {"phases": per_step, "step_s": sum(per_step.values()), "world_size": start.get("world_size"),
-            "global_batch": start.get("global_batch"), "algorithm": start.get("algorithm")}
+    return {"phases": per_step, "step_s": sum(per_step.values()), "compute_max_s": compute_max / steps,
+            "world_size": start.get("world_size"), "global_batch": start.get("global_batch"),
+            "algorithm": start.get("algorithm")}
 
 
 def regime(ranks: int, threads: int, cores: int) -> str:
@@ -150,7 +155,8 @@ def rows_for(results: dict[int, dict], buckets: list[int], costs: dict, algorith
     rows = []
     for ranks, result in sorted(results.items()):
         phases = result["phases"]
-        compute = sum(v for k, v in phases.items() if k != "allreduce")
+        # the step's pace is set by the rank that computes longest; "other" (logging) is not modelled
+        compute = result.get("compute_max_s", sum(v for k, v in phases.items() if k not in ("allreduce", "other")))
         measured_allreduce = phases.get("allreduce", 0.0)
         name = regime(ranks, threads, cores)
         if ranks == 1:
@@ -159,7 +165,7 @@ def rows_for(results: dict[int, dict], buckets: list[int], costs: dict, algorith
             modelled = predict_allreduce(buckets, ranks, algorithm, costs[name])
         else:
             raise SystemExit(f"hpcdl scaling sweep: no benchmark in the {name} regime to model {ranks} ranks")
-        predicted = compute + modelled
+        predicted = compute + phases.get("other", 0.0) + modelled
         rows.append({
             "ranks": ranks, "oversubscribed": name == "oversubscribed", "global_batch": result["global_batch"],
             "measured_step_s": result["step_s"], "predicted_step_s": predicted,

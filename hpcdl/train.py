@@ -221,10 +221,10 @@ def _train(r: Run, started: float, resume: str | None, threads: int | None) -> d
         if step % config.log.every_steps == 0 or step == r.total_steps:
             seconds = time.perf_counter() - window_start
             images_per_s = window_images / max(seconds, 1e-9)
-            phases, slowest = _window_phases(r, seconds)
+            phases, slowest, compute_max = _window_phases(r, seconds)
             log.write("step", step=step, epoch=round(step / r.steps_per_epoch, 4), loss=last_loss,
                       train_accuracy=stats[CORRECT] / max(stats[SAMPLES], 1), lr=lr, images_per_s=images_per_s,
-                      seconds=phases, seconds_max=slowest, comm=r.reducer.stats)
+                      seconds=phases, seconds_max=slowest, compute_max=compute_max, comm=r.reducer.stats)
             progress.update(step, loss=last_loss, lr=lr, img_s=images_per_s)
             window_images, window_start = 0, time.perf_counter()
         if config.log.layer_stats_every and step % config.log.layer_stats_every == 0:
@@ -453,16 +453,19 @@ def _mark(r: Run, step: int, phase: str) -> None:
 PHASES = ("data", "forward", "backward", "allreduce", "optimizer")
 
 
-def _window_phases(r: Run, wall_s: float) -> tuple[dict, dict]:
-    """This logging window's seconds per phase on this rank, and the slowest rank's, `other` included.
+def _window_phases(r: Run, wall_s: float) -> tuple[dict, dict, float]:
+    """This logging window's seconds per phase on this rank, the slowest rank's per phase, and the
+    largest per-rank compute (every phase but the allreduce).
 
     `other` is the window's wall time the phases do not cover (logging, evaluation, checkpoints).
-    A synchronous step runs at the pace of its slowest rank: the per-phase maxima show which one
-    and where. One small allreduce per logging step, at the same steps on every rank.
+    A synchronous step runs at the pace of its slowest rank: the maxima show which phase holds it
+    up, and the others wait for it in "allreduce". One small allreduce per logging step, at the
+    same steps on every rank.
     """
     totals = r.timer.drain()
-    local = np.array([totals.get(p, 0.0) for p in PHASES] + [0.0])
-    local[-1] = max(0.0, wall_s - local[:-1].sum())
+    local = np.array([totals.get(p, 0.0) for p in PHASES] + [0.0, 0.0])
+    local[-2] = max(0.0, wall_s - local[:-2].sum())
+    local[-1] = sum(totals.get(p, 0.0) for p in PHASES if p != "allreduce")
     slowest = local.copy()
     if r.world.size > 1:
         from mpi4py import MPI
@@ -470,7 +473,7 @@ def _window_phases(r: Run, wall_s: float) -> tuple[dict, dict]:
         r.world.mpi_comm.Allreduce(local, slowest, op=MPI.MAX)
     names = PHASES + ("other",)
     return ({n: round(float(v), 4) for n, v in zip(names, local)},
-            {n: round(float(v), 4) for n, v in zip(names, slowest)})
+            {n: round(float(v), 4) for n, v in zip(names, slowest)}, round(float(slowest[-1]), 4))
 
 
 def _tracer(config: Config, world, total_steps: int):

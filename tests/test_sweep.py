@@ -27,6 +27,7 @@ def test_breakdown_skips_the_warm_up_window_and_averages_per_step(tmp_path):
     result = sweep.step_breakdown(path)
     assert result["phases"] == pytest.approx({"forward": 0.11, "backward": 0.19, "allreduce": 0.04, "data": 0.01})
     assert result["step_s"] == pytest.approx(0.35)
+    assert result["compute_max_s"] == pytest.approx(0.31)  # without compute_max: rank 0's non-allreduce phases
     assert (result["world_size"], result["global_batch"]) == (2, 128)
 
 
@@ -51,8 +52,9 @@ def test_each_regime_gets_its_own_fit_over_all_its_rank_counts():
 def test_rows_predict_measured_compute_plus_the_modelled_buckets(tmp_path):
     costs = {"dedicated": Costs(1e-5, 1e-10, 0.0), "oversubscribed": Costs(1e-3, 2e-10, 0.0)}
     buckets = [25 * 2**20, 3 * 2**20]
-    results = {1: {"phases": {"forward": 0.1, "backward": 0.2}, "step_s": 0.3, "global_batch": 64},
-               3: {"phases": {"forward": 0.1, "backward": 0.2, "allreduce": 0.05}, "step_s": 0.36, "global_batch": 192}}
+    results = {1: {"phases": {"forward": 0.1, "backward": 0.2}, "step_s": 0.3, "global_batch": 64, "compute_max_s": 0.3},
+               3: {"phases": {"forward": 0.1, "backward": 0.2, "allreduce": 0.05}, "step_s": 0.36, "global_batch": 192,
+                   "compute_max_s": 0.3}}
     rows = sweep.rows_for(results, buckets, costs, "ring", threads=1, cores=2)
     assert rows[0]["predicted_step_s"] == pytest.approx(0.3) and rows[0]["allreduce_s"] == 0
     modelled = sum(perfmodel.allreduce_time("ring", b, 3, costs["oversubscribed"]) for b in buckets)
