@@ -343,7 +343,7 @@ def plan_table(cells: list[Cell], estimate: Estimator, done: set[str]) -> str:
 # -- running cells -----------------------------------------------------------------------------------
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # shards of one study write study.json side by side
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     os.replace(tmp, path)  # a study killed mid-write never leaves a half result behind
 
@@ -421,6 +421,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the cells and the time estimate, run nothing")
     p.add_argument("--data-dir", default="", metavar="DIR", help="Fashion-MNIST IDX files (default: the usual places)")
     p.add_argument("--only", default="", metavar="TEXT", help="run only cells whose name contains TEXT")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run cells I, I+N, I+2N, ... (one job-array task each); the report covers every finished cell")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config key in every cell, as `hpcdl train --set` (e.g. data.path=... for HDF5)")
     return p
@@ -433,23 +435,26 @@ def main(argv: list[str]) -> int:
     if args.ranks < 1:
         raise ConfigError(f"--ranks: expected a positive integer, got {args.ranks}")
     out = Path(args.out)
-    cells = [c for c in grid(args.grid) if args.only in c.name]
+    every = grid(args.grid)
+    shard, shards = _shard(args.shard)
+    cells = [c for i, c in enumerate(every) if args.only in c.name and i % shards == shard]
     if not cells:
-        raise ConfigError(f"--only {args.only!r}: matches no cell of grid {args.grid!r}")
+        raise ConfigError(f"--only {args.only!r} --shard {args.shard}: matches no cell of grid {args.grid!r}")
     for cell in cells:  # a rank count that does not divide a batch, or a bad --set, fails here, not an hour in
         cell_config(cell, args.ranks, args.data_dir, tuple(args.overrides))
     state_path = out / "study.json"
     state = _open_state(state_path, args, cells, argv)
     estimate = Estimator()
     done = {}
-    for cell in cells:
+    for cell in every:  # other shards' results too: they calibrate the estimate and go into the report
         result_path = out / "cells" / cell.name / "result.json"
         if result_path.exists():
             done[cell.name] = json.loads(result_path.read_text())
             estimate.record(cell, done[cell.name]["wall_s"])
     todo = _calibration_order([c for c in cells if c.name not in done])
     total = sum(estimate(c) for c in todo)
-    print(f"hpcdl study large-batch --grid {args.grid}: {len(cells)} cells, {len(done)} done, {len(todo)} to run; "
+    print(f"hpcdl study large-batch --grid {args.grid}: {len(cells)} cells, {len(cells) - len(todo)} done, "
+          f"{len(todo)} to run; "
           f"estimated {_minutes(total)} at --ranks {args.ranks} (the first cells calibrate it)")
     print(plan_table(cells, estimate, set(done)), flush=True)
     if args.plan:
@@ -475,7 +480,8 @@ def main(argv: list[str]) -> int:
     _write_json(state_path, state)
     from hpcdl.study_report import write_outputs
 
-    written = write_outputs(out, cells, [done[c.name] for c in cells], state)
+    finished = [c for c in every if c.name in done]
+    written = write_outputs(out, finished, [done[c.name] for c in finished], state)
     print("hpcdl study: wrote " + ", ".join(str(p.relative_to(out)) for p in written))
     failed = [name for name, r in done.items() if r["status"] == "failed"]
     if failed:
@@ -483,6 +489,16 @@ def main(argv: list[str]) -> int:
               f"result.json", file=sys.stderr)
         return 1
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        shard, shards = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/8") from None
+    if not 0 <= shard < shards:
+        raise ConfigError(f"--shard {text!r}: expected 0 <= I < N")
+    return shard, shards
 
 
 def _calibration_order(cells: list[Cell]) -> list[Cell]:
