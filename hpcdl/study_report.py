@@ -23,6 +23,7 @@ from hpcdl import metrics
 from hpcdl.study import BASE_BATCH, Cell
 
 HOLD_POINTS = 1.0  # "holds" = within this many accuracy points of batch 128
+STALLED_BELOW = 20.0  # test accuracy (%) under twice chance: the run learned next to nothing
 
 
 def _records(out: Path, name: str) -> list[dict]:
@@ -55,6 +56,7 @@ def summarize(cells: list[Cell], results: list[dict]) -> list[dict]:
             "lr_factor": lr_factor, "warmup_factor": warmup_factor, "parts": sorted({c.part for c, _ in members}),
             "seeds": len(members), "ok": len(accuracies), "diverged": statuses.count("diverged"),
             "failed": statuses.count("failed"),
+            "stalled": sum(1 for a in accuracies if a < STALLED_BELOW),
             "accuracy_mean": round(statistics.fmean(accuracies), 3) if accuracies else None,
             "accuracy_std": round(statistics.stdev(accuracies), 3) if len(accuracies) > 1 else None,
             "accuracy_range": round(max(accuracies) - min(accuracies), 3) if accuracies else None,
@@ -81,6 +83,8 @@ def _text(row: dict | None) -> str:
     if row["accuracy_mean"] is not None:
         spread = f" ± {row['accuracy_std']:.2f}" if row["accuracy_std"] is not None else ""
         parts.append(f"{row['accuracy_mean']:.2f}{spread}")
+    if row["stalled"]:
+        parts.append(f"(stalled {row['stalled']}/{row['seeds']})")
     if row["diverged"]:
         parts.append(f"**diverged** {row['diverged']}/{row['seeds']}")
     if row["failed"]:
@@ -180,7 +184,8 @@ def results_markdown(rows, hold, search, notes, state, cells) -> str:
         lines.append("Time: " + ", ".join(parts) + "  ")
     lines += ["", "Test accuracy (%) on Fashion-MNIST's 10,000 test images: mean ± standard deviation over "
               "seeds (no ± with one seed). **diverged** = training stopped on non-finite gradients or ended "
-              "with a loss above twice the chance loss; such runs are counted, not averaged.", ""]
+              "with a loss above twice the chance loss; such runs are counted, not averaged. "
+              "**stalled** = finished, but under 20% test accuracy (chance is 10%); averaged as measured.", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         main = _rule_rows(rows, model)
         if not main:
@@ -350,7 +355,9 @@ def _gap_panels(out, cells, results):
             if evals:
                 lines[f"{c.optimizer}, {c.batch}"] = evals
         if lines:
-            panels[f"{model}: batch {BASE_BATCH} (solid) vs {largest} (dashed)"] = lines
+            title = f"{model}: batch {BASE_BATCH} (solid) vs {largest} (dashed)" if largest != BASE_BATCH else \
+                f"{model}: batch {BASE_BATCH}"
+            panels[title] = lines
     return panels
 
 

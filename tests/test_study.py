@@ -53,6 +53,9 @@ def test_the_rules_lamb_doubles_warmup_epochs_and_scales_lr_by_sqrt2_sgd_scales_
     sgd = [study.schedule_of(study.Cell("mlp", "sgd", b, "epochs", 5)) for b in (128, 8192)]
     assert math.isclose(sgd[1]["peak_lr"] / sgd[0]["peak_lr"], 64)
     assert sgd[0]["warmup_epochs"] == sgd[1]["warmup_epochs"] == study.LINEAR_WARMUP_EPOCHS
+    lars = [study.schedule_of(study.Cell("mlp", "lars", b, "epochs", 5)) for b in (128, 8192)]
+    assert math.isclose(lars[1]["peak_lr"] / lars[0]["peak_lr"], 8)  # sqrt(64), warmup fixed in epochs
+    assert lars[0]["warmup_epochs"] == lars[1]["warmup_epochs"] == study.LINEAR_WARMUP_EPOCHS
     capped = study.schedule_of(study.Cell("mlp", "lamb", 16384, "epochs", 2))
     assert capped["warmup_capped"] and capped["warmup_epochs"] == 1.0
 
