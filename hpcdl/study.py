@@ -401,9 +401,16 @@ def _run_in_process(config_path: Path, run_dir: Path):
     from hpcdl import config as config_mod
     from hpcdl import train
 
+    import warnings
+
+    import numpy as np
+
     config = config_mod.load(config_path)
     try:
-        return train.run(config, out=str(run_dir), resume="auto", config_path=str(config_path)), None
+        # overflow in a diverging cell is a result, recorded as such; the warnings would only bury the log
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return train.run(config, out=str(run_dir), resume="auto", config_path=str(config_path)), None
     except UserError as exc:
         return None, str(exc)
 

@@ -126,6 +126,25 @@ def test_resume_skips_finished_cells_and_bad_arguments_fail_at_once(tmp_path):
     assert ranks.returncode == 2 and "--ranks 3: does not divide" in ranks.stderr
 
 
+@pytest.mark.mpi
+def test_a_cell_under_mpiexec_trains_as_the_same_cell_in_process(tmp_path):
+    grid = tmp_path / "one.json"
+    grid.write_text(json.dumps({"models": {"mlp": {"batches": [32], "optimizers": ["lamb"], "epochs": 1,
+                                                   "seeds": 1}}}))
+    runs = {}
+    for ranks in (1, 2):
+        result = _study("--grid", str(grid), "--out", str(tmp_path / f"r{ranks}"), "--ranks", str(ranks), *TINY_SET)
+        assert result.returncode == 0, result.stderr[-3000:]
+        cell = json.loads(next((tmp_path / f"r{ranks}" / "cells").glob("*/result.json")).read_text())
+        runs[ranks] = cell
+    assert runs[2]["summary"]["world_size"] == 2 and runs[2]["ranks"] == 2
+    assert runs[1]["summary"]["steps"] == runs[2]["summary"]["steps"] == 8
+    a, b = runs[1]["summary"]["param_norm"], runs[2]["summary"]["param_norm"]
+    assert abs(a - b) <= 1e-5 * abs(a)
+    command = next((tmp_path / "r2" / "cells").glob("*/command.txt")).read_text()
+    assert command.startswith("mpiexec -n 2 ")
+
+
 def test_plan_prints_cells_and_an_estimate_and_runs_nothing(tmp_path):
     result = _study("--grid", "standard", "--out", str(tmp_path / "s"), "--plan")
     assert result.returncode == 0, result.stderr
