@@ -190,13 +190,20 @@ def _save(fig, plt, out_png: Path) -> Path:
 
 def plot_accuracy_vs_batch(panels: dict, out_png: Path) -> Path | None:
     """Goyal-style figure. panels: {title: {label: [(batch, mean %, spread %), ...]}}; labels ending
-    in "(steps)" are drawn dashed with square markers (the fixed-step budget)."""
+    in "(steps)" are drawn dashed with square markers (the fixed-step budget). The label "diverged"
+    holds [(batch, optimizer)]: red crosses at 10% (chance), named, so that no run drops out of sight."""
     plt = _pyplot()
     if plt is None or not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, lines) in zip(axes[0], panels.items()):
         for label, points in lines.items():
+            if label == "diverged":
+                ax.scatter([p[0] for p in points], [10.0] * len(points), marker="x", color="red", label=label)
+                for batch, name in points:
+                    ax.annotate(name, (batch, 10.0), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                                color="red")
+                continue
             points = sorted(points)
             style = dict(linestyle="--", marker="s") if label.endswith("(steps)") else dict(marker="o")
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] / 2 for p in points],

@@ -108,9 +108,13 @@ def holds(rows: list[dict]) -> list[dict]:
             entry = {"model": model, "optimizer": optimizer, "small_batch": BASE_BATCH, "large_batch": largest,
                      "small": small["accuracy_mean"], "large": big["accuracy_mean"], "gap_points": gap,
                      "large_diverged": big["diverged"], "holds": gap is not None and gap <= HOLD_POINTS,
-                     "closed_by": []}
-            for r in rows:  # other budgets and search points at a large batch that come within 1 point
-                if (r["model"], r["optimizer"]) != (model, optimizer) or r["batch"] < 4096 or r is big:
+                     "closed_by": [], "best_tried": None}
+            tried = [r for r in rows if (r["model"], r["optimizer"], r["batch"]) == (model, optimizer, largest)
+                     and r["accuracy_mean"] is not None]
+            if tried:
+                entry["best_tried"] = _describe(max(tried, key=lambda r: r["accuracy_mean"]))
+            for r in rows:  # other budgets and search points at the same batch that come within 1 point
+                if (r["model"], r["optimizer"]) != (model, optimizer) or r["batch"] != largest or r is big:
                     continue
                 if r["accuracy_mean"] is not None and small["accuracy_mean"] - r["accuracy_mean"] <= HOLD_POINTS:
                     entry["closed_by"].append(_describe(r))
@@ -240,7 +244,8 @@ def results_markdown(rows, hold, search, notes, state, cells) -> str:
             what = "diverged" if h["gap_points"] is None else \
                 f"{h['large']:.2f}% against {h['small']:.2f}% at {h['small_batch']}, {h['gap_points']:.2f} points below"
             closed = "; closed by: " + "; ".join(h["closed_by"]) if h["closed_by"] else \
-                "; no budget or search point tried closes the gap"
+                "; no budget or search point tried closes the gap" + \
+                (f" (best tried: {h['best_tried']})" if h["best_tried"] else "")
             lines.append(f"- {h['model']} / {h['optimizer']}: does **not** hold at {h['large_batch']} ({what}){closed}.")
     if notes:
         lines += ["", "## Differences between optimizers and the noise", ""] + [f"- {n}" for n in notes]
@@ -331,6 +336,10 @@ def _accuracy_panels(rows):
         lines = {}
         for budget in ("epochs", "steps"):
             for r in _rule_rows(rows, model, budget):
+                if r["diverged"]:
+                    suffix = " (steps)" if budget == "steps" else ""
+                    lines.setdefault("diverged", []).append(
+                        (r["batch"], f"{r['optimizer']}{suffix} {r['diverged']}/{r['seeds']}"))
                 if r["accuracy_mean"] is None:
                     continue
                 label = f"{r['optimizer']} ({budget})" if budget == "steps" else r["optimizer"]
