@@ -217,7 +217,7 @@ def grid(name: str) -> list[Cell]:
 # -- one cell's config ---------------------------------------------------------------------------
 
 def schedule_of(cell: Cell) -> dict:
-    """Peak LR and warmup the cell's rule gives (before the search's factors are named in the config)."""
+    """Peak LR and warmup (epochs, steps, whether capped) of the cell: its rule times the search's factors."""
     recipe = RECIPES[cell.model][cell.optimizer]
     k = cell.batch / BASE_BATCH
     rule = recipe["rule"]
