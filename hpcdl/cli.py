@@ -85,8 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert datasets to hpcdl's HDF5 format, or describe one")
     data.add_argument("args", nargs=argparse.REMAINDER, help="convert idx|folder ... or info FILE (try: hpcdl data convert --help)")
 
-    study = sub.add_parser("study", help="the large-batch study: SGD/LARS/LAMB/AdamW from batch 128 to 16K, tables and figures")
-    study.add_argument("args", nargs=argparse.REMAINDER, help="large-batch --grid quick|standard|full --out DIR (try: hpcdl study large-batch --help)")
+    study = sub.add_parser("study", help="the large-batch study: SGD/LARS/LAMB/AdamW, batch 128 to 16K, tables, figures")
+    study.add_argument("args", nargs=argparse.REMAINDER,
+                       help="large-batch --grid quick|standard|full --out DIR (try: hpcdl study large-batch --help)")
 
     info = sub.add_parser("info", help="versions, MPI library, CUDA-awareness, threads, models, allreduce crossovers")
     info.add_argument("--models", action="store_true", help="list model names only")

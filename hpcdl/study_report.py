@@ -246,7 +246,8 @@ def results_markdown(rows, hold, search, notes, state, cells) -> str:
             closed = "; closed by: " + "; ".join(h["closed_by"]) if h["closed_by"] else \
                 "; no budget or search point tried closes the gap" + \
                 (f" (best tried: {h['best_tried']})" if h["best_tried"] else "")
-            lines.append(f"- {h['model']} / {h['optimizer']}: does **not** hold at {h['large_batch']} ({what}){closed}.")
+            lines.append(f"- {h['model']} / {h['optimizer']}: does **not** hold at {h['large_batch']} "
+                         f"({what}){closed}.")
     if notes:
         lines += ["", "## Differences between optimizers and the noise", ""] + [f"- {n}" for n in notes]
     lines += ["", f"{len(cells)} cells; every cell's config, command and metrics are in cells/NAME/.", ""]
@@ -281,7 +282,8 @@ def layer_table(out: Path, cells, results) -> str:
         names = records[0]["names"]
         points = [records[0], records[len(records) // 2], records[-1]]
         lines += [f"## {cell.model}, LARS, batch {cell.batch} ({cell.name})", ""]
-        header = "| layer | " + " | ".join(f"step {p['step']}: ‖w‖ / ‖g‖ / ‖w‖/‖g‖ / trust" for p in points) + " |"
+        columns = (f"step {p['step']}: ‖w‖ / ‖g‖ / ‖w‖/‖g‖ / trust" for p in points)
+        header = "| layer | " + " | ".join(columns) + " |"
         lines += [header, "|---" * (len(points) + 1) + "|"]
         for i, name in enumerate(names):
             cols = []
