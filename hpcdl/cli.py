@@ -30,6 +30,7 @@ examples:
   hpcdl train --help-config                 every config key, its type, default and meaning
   mpiexec -n 2 hpcdl bench allreduce --sizes 4KiB,1MiB,100MiB
   hpcdl bench optimizer --sizes 25M
+  hpcdl study large-batch --grid quick --out runs/study-quick
   hpcdl info
 """
 
@@ -86,6 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert datasets to hpcdl's HDF5 format, or describe one")
     data.add_argument("args", nargs=argparse.REMAINDER, help="convert idx|folder ... or info FILE (try: hpcdl data convert --help)")
 
+    study = sub.add_parser("study", help="the large-batch study: SGD/LARS/LAMB/AdamW, batch 128 to 16K, tables, figures")
+    study.add_argument("args", nargs=argparse.REMAINDER,
+                       help="large-batch --grid quick|standard|full --out DIR (try: hpcdl study large-batch --help)")
+
     info = sub.add_parser("info", help="versions, MPI library, CUDA-awareness, threads, models, allreduce crossovers")
     info.add_argument("--models", action="store_true", help="list model names only")
     return parser
@@ -113,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             from hpcdl.data.convert import main as data_main
 
             return data_main(args.args)
+        if args.command == "study":
+            from hpcdl.threads import pin_threads
+
+            pin_threads()  # before NumPy: in-process cells train with these threads
+            from hpcdl.study import main as study_main
+
+            return study_main(args.args)
         if args.command == "info":
             return _info(args)
         parser.print_help()
@@ -137,7 +149,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     argparse's REMAINDER drops a leading "--option", so `hpcdl scaling --model x`
     is split off here; the subparsers above still document these commands.
     """
-    if argv[:1] in (["scaling"], ["data"]):
+    if argv[:1] in (["scaling"], ["data"], ["study"]):
         return argparse.Namespace(command=argv[0], args=argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
         return argparse.Namespace(command="bench", what=argv[1], args=argv[2:])

@@ -76,7 +76,7 @@ class OptimConfig:
     momentum: float = _key(0.9, "momentum of sgd/nesterov/lars", min=0.0, max=1.0)
     weight_decay: float = _key(0.0, "L2 (sgd, lars) or decoupled (adamw, lamb) weight decay", min=0.0)
     betas: list = _key([0.9, 0.999], "Adam/LAMB moment decay rates [beta1, beta2]")
-    eps: float = _key(1e-6, "epsilon of adamw/lamb (LARS keeps the MLPerf reference's 1e-7)", min=0.0)
+    eps: float = _key(0.0, "epsilon of adamw/lamb; 0 = the optimizer's own default, as `optim.create` has it: adamw 1e-8 (PyTorch), lamb 1e-6 (TF-addons); LARS keeps the MLPerf reference's 1e-7", min=0.0)
     trust_coefficient: float = _key(0.001, "LARS trust coefficient eta", min=0.0, min_exclusive=True)
     lamb_mode: str = _key("paper", "LAMB variant: 'paper' (TF-addons) or 'nvlamb' (apex FusedLAMB, global-norm clipping)", choices=("paper", "nvlamb"))
     max_grad_norm: float = _key(1.0, "nvlamb: clip gradients to this global L2 norm", min=0.0, min_exclusive=True)

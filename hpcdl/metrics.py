@@ -177,3 +177,89 @@ def plot_layer_stats(metrics_path: Path, out_png: Path, top: int = 12) -> Path |
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+# -- large-batch study figures (hpcdl.study_report prepares their data) ------------------------------
+
+def _save(fig, plt, out_png: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_accuracy_vs_batch(panels: dict, out_png: Path) -> Path | None:
+    """Goyal-style figure. panels: {title: {label: [(batch, mean %, spread %), ...]}}; labels ending
+    in "(steps)" are drawn dashed with square markers (the fixed-step budget). The label "diverged"
+    holds [(batch, optimizer)]: red crosses at 10% (chance), named, so that no run drops out of sight."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, points in lines.items():
+            if label == "diverged":
+                ax.scatter([p[0] for p in points], [10.0] * len(points), marker="x", color="red", label=label)
+                for batch, name in points:
+                    ax.annotate(name, (batch, 10.0), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                                color="red")
+                continue
+            points = sorted(points)
+            style = dict(linestyle="--", marker="s") if label.endswith("(steps)") else dict(marker="o")
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] / 2 for p in points],
+                        label=label, capsize=3, **style)
+        ax.set_xscale("log", base=2)
+        ax.set(title=title, xlabel="global batch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, plt, out_png)
+
+
+def plot_gap_vs_epoch(panels: dict, out_png: Path) -> Path | None:
+    """Generalization-gap figure. panels: {title: {label: [(epoch, accuracy %), ...]}}."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, points in lines.items():
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                    linestyle="-" if "128" in label.split(",")[-1] else "--", label=label)
+        ax.set(title=title, xlabel="epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, plt, out_png)
+
+
+def plot_trust_heatmap(panels: dict, out_png: Path) -> Path | None:
+    """Trust ratio over iterations x layers. panels: {title: (steps, layer names, trust [layers][records])}."""
+    import numpy as np
+
+    plt = _pyplot()
+    if plt is None or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 0.9 + 0.28 * max(
+        len(names) for _, names, _ in panels.values())), squeeze=False)
+    for ax, (title, (steps, names, trust)) in zip(axes[0], panels.items()):
+        values = np.log10(np.maximum(np.asarray(trust, dtype=float), 1e-12))
+        image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest",
+                          extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set(title=title, xlabel="iteration")
+        fig.colorbar(image, ax=ax, label="log10 trust ratio")
+    return _save(fig, plt, out_png)
+
+
+def plot_lr_dynamics(panels: dict, out_png: Path) -> Path | None:
+    """Effective per-layer LR (lr x trust) against epoch. panels: {title: {layer: (epochs, lrs, is_bias)}}."""
+    plt = _pyplot()
+    if plt is None or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, layers) in zip(axes[0], panels.items()):
+        for name, (epochs, lrs, is_bias) in layers.items():
+            ax.plot(epochs, lrs, linestyle="--" if is_bias else "-", label=name + (" (bias)" if is_bias else ""))
+        ax.set(title=title, xlabel="epoch", ylabel="lr x trust", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, plt, out_png)

@@ -292,3 +292,44 @@ def transformer_encoder(in_channels, in_height, in_width, num_classes, dim: int 
                                           Linear(mlp_ratio * dim, dim))))
     layers += [LayerNorm(dim), TokenMeanPool(), Linear(dim, num_classes)]
     return Sequential(*layers)
+
+
+@_register("vit")
+def vit(in_channels, in_height, in_width, num_classes, patch: int = 7, dim: int = 64, depth: int = 2, heads: int = 4,
+        mlp_ratio: int = 2, pool: str = "cls", dropout: float = 0.0, dropout_seed: int = 0,
+        input_grad: bool = False) -> Module:
+    """A tiny vision transformer (Dosovitskiy et al. 2020) for 28x28 inputs.
+
+    p x p patches (patch 7: 16 tokens, patch 4: 49) through one Linear
+    patch embedding; `pool="cls"` prepends a learned class token and
+    classifies from it, `pool="mean"` averages the tokens; learned
+    positions; `depth` pre-LayerNorm blocks x + Drop(MHSA(LN(x))),
+    x + Drop(Linear(Drop(GELU(Linear(LN(x)))))); a final LayerNorm and the
+    classifier. Dropout (`dropout` > 0) also follows the embedding, as in
+    the paper. Positions and the class token get no weight decay, as is
+    usual for ViTs (timm's `no_weight_decay`); they keep their trust ratio.
+    """
+    if pool not in ("cls", "mean"):
+        raise ConfigError(f"model.options.pool: expected 'cls' or 'mean', got {pool!r}")
+    if not isinstance(patch, int) or patch < 1 or in_height % patch or in_width % patch:
+        raise ValueError(f"patch {patch!r} does not divide the {in_height}x{in_width} image")
+    from hpcdl.layers.embedding import ClassToken, ClassTokenPool
+
+    tokens, features = (in_height // patch) * (in_width // patch), in_channels * patch * patch
+    seeds = iter(range(dropout_seed, dropout_seed + 1 + 3 * depth))
+    layers: list[Module] = [
+        ImageToTokens(patch),
+        Linear(features, dim, weight_init=normal(1.0 / math.sqrt(features)), input_grad=input_grad),
+    ]
+    if pool == "cls":
+        layers.append(ClassToken(dim, flags=("no_decay",)))
+        tokens += 1
+    layers += [PositionalEmbedding(tokens, dim, flags=("no_decay",)), *_dropout(dropout, next(seeds))]
+    for _ in range(depth):
+        layers.append(Residual(Sequential(LayerNorm(dim), MultiHeadSelfAttention(dim, heads),
+                                          *_dropout(dropout, next(seeds)))))
+        layers.append(Residual(Sequential(LayerNorm(dim), Linear(dim, mlp_ratio * dim), GELU(),
+                                          *_dropout(dropout, next(seeds)), Linear(mlp_ratio * dim, dim),
+                                          *_dropout(dropout, next(seeds)))))
+    layers += [LayerNorm(dim), ClassTokenPool() if pool == "cls" else TokenMeanPool(), Linear(dim, num_classes)]
+    return Sequential(*layers)

@@ -42,6 +42,7 @@ from hpcdl.data.loader import BatchLoader
 from hpcdl.data.sampler import ShardedSampler
 from hpcdl.errors import ConfigError, DataError, UserError
 from hpcdl.layers import attach_sync_batchnorm, count_correct, softmax_cross_entropy
+from hpcdl.layers.dropout import key_dropout
 from hpcdl.metrics import MetricsLog, PhaseTimer, Progress, plot_layer_stats, plot_run
 
 # Positions in the small per-step stats vector that rides one allreduce.
@@ -299,6 +300,9 @@ def _train_step(r: Run, step: int, lr: float):
         r.timer.switch("data")  # only the wait for the prefetch workers, or the batch itself without prefetch
         _mark(r, step, "data")
         x, y = batch.take(micro)
+        # masks keyed by global-batch position, as augmentation is: the same on any rank count
+        key_dropout(r.model, r.config.train.seed, batch.epoch, batch.step,
+                    r.loader.sampler.batch_positions(batch.epoch, batch.step)[micro])
         r.timer.switch("forward")
         _mark(r, step, "forward")
         logits = r.model.forward(x)
@@ -540,12 +544,13 @@ def _optimizer_options(config: Config) -> dict:
     common = {"weight_decay": o.weight_decay, "no_decay": list(o.no_decay)}
     if o.name in ("sgd", "nesterov"):
         return {**common, "momentum": o.momentum}
+    eps = {"eps": o.eps} if o.eps > 0 else {}  # 0: the optimizer's own default (adamw 1e-8, lamb 1e-6)
     if o.name == "adamw":
-        return {**common, "betas": tuple(o.betas), "eps": o.eps}
+        return {**common, "betas": tuple(o.betas), **eps}
     if o.name == "lars":
         return {**common, "momentum": o.momentum, "trust_coefficient": o.trust_coefficient,
                 "no_adapt": list(o.no_adapt), "trust_clamp": tuple(o.trust_clamp) or None}
-    return {**common, "betas": tuple(o.betas), "eps": o.eps, "mode": o.lamb_mode, "max_grad_norm": o.max_grad_norm,
+    return {**common, "betas": tuple(o.betas), **eps, "mode": o.lamb_mode, "max_grad_norm": o.max_grad_norm,
             "no_adapt": list(o.no_adapt), "trust_clamp": tuple(o.trust_clamp) or None}
 
 

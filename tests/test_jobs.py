@@ -61,7 +61,7 @@ def test_every_script_is_covered_by_a_dry_run_test():
     sourced = {"binding.sh", "restart_common.sh"}
     assert {p.name for p in SCRIPTS} - sourced == {
         "mpirun_fmnist.sh", "mpirun_xeon.sh", "slurm_train.sbatch", "pbs_train.pbs", "scaling_study.sh",
-        "restart_mpirun.sh", "restart_srun.sh"}
+        "restart_mpirun.sh", "restart_srun.sh", "study_full.sh"}
 
 
 # -- one machine --------------------------------------------------------------------------
@@ -274,3 +274,18 @@ def test_mpirun_fmnist_launch_line_binds_each_rank_to_its_own_cores(tmp_path):
     assert all(r["omp"] == r["numba"] == str(per_rank) for r in ranks)
     assert ranks[0]["args"] == ["train", "--config", "jobs/configs/fmnist_cnn.toml", "--out", "runs/fmnist_cnn",
                                 "--set", "train.epochs=1"]
+
+
+# -- the large-batch study ---------------------------------------------------------------------
+
+def test_study_full_runs_one_shard_per_array_task_with_srun_per_cell(recorder):
+    launcher, log = recorder
+    lines = dry_run("study_full.sh", env={"SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "12", "SRUN": str(launcher),
+                                          "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"})
+    assert lines == exports(12) + [
+        f"hpcdl study large-batch --grid full --out runs/study-full --resume --ranks 4 --mpiexec '{launcher} "
+        "--kill-on-bad-exit=1 --cpus-per-task=12 --cpu-bind=cores' --shard 3/8"]
+    assert "--shard" not in dry_run("study_full.sh", env={"SLURM_NTASKS": "2", "SRUN": str(launcher)})[-1]
+    assert not log.exists()
+    assert dry_run("study_full.sh", env={"SLURM_NTASKS": "2", "SLURM_ARRAY_TASK_ID": "4", "SHARDS": "4"},
+                   expect_rc=2) == ["study_full.sh: array task 4 >= SHARDS=4: use --array=0-3"]

@@ -21,6 +21,7 @@ SMALL = {
     "resnet18": ((3, 16, 16), {"width": 0.25}),
     "resnet50": ((3, 16, 16), {"width": 0.25}),
     "transformer_encoder": ((1, 12, 12), {"dim": 16, "heads": 2}),
+    "vit": ((1, 12, 12), {"dim": 16, "heads": 2, "patch": 4}),
 }
 NUM_CLASSES = 5
 

@@ -1,4 +1,4 @@
-"""Embedding tables: token lookup and learned positions."""
+"""Embedding tables: token lookup, learned positions, and ViT's class token."""
 from __future__ import annotations
 
 from hpcdl.arena import Initializer, Param
@@ -12,9 +12,9 @@ class Embedding(Module):
     Default init is N(0, 0.02^2), as in BERT and GPT-2.
     """
 
-    def __init__(self, num: int, dim: int, weight_init: Initializer | None = None):
+    def __init__(self, num: int, dim: int, weight_init: Initializer | None = None, flags=()):
         self.num, self.dim = int(num), int(dim)
-        self.weight = Param((num, dim), weight_init or normal(0.02))
+        self.weight = Param((num, dim), weight_init or normal(0.02), flags=flags)
         self._indices = None
 
     def forward(self, indices):
@@ -36,8 +36,8 @@ class Embedding(Module):
 class PositionalEmbedding(Module):
     """(N, T, D) -> x + P[:T], with P a learned Embedding of positions 0..T-1."""
 
-    def __init__(self, num_positions: int, dim: int):
-        self.table = Embedding(num_positions, dim)
+    def __init__(self, num_positions: int, dim: int, flags=()):
+        self.table = Embedding(num_positions, dim, flags=flags)
 
     def forward(self, x):
         xp = array_module(x)
@@ -49,3 +49,50 @@ class PositionalEmbedding(Module):
     def backward(self, dy):
         self._backward_child(self.table, dy.sum(axis=0))
         return dy
+
+
+class ClassToken(Module):
+    """(N, T, D) -> (N, 1 + T, D): a learned token in front of every sequence (BERT's [CLS], ViT's class token).
+
+    Init N(0, 0.02^2) as the positions. Pair with `ClassTokenPool`, which
+    reads the classifier's features off that token after the encoder.
+    """
+
+    def __init__(self, dim: int, flags=()):
+        self.dim = int(dim)
+        self.token = Param((1, 1, dim), normal(0.02), flags=flags)
+
+    def forward(self, x):
+        xp = array_module(x)
+        n, t, d = x.shape
+        out = xp.empty((n, t + 1, d), dtype=x.dtype)
+        out[:, :1] = self.token.data
+        out[:, 1:] = x
+        return out
+
+    def backward(self, dy):
+        self.token.grad += dy[:, :1].sum(axis=0, keepdims=True)
+        return dy[:, 1:]
+
+    def __repr__(self):
+        return f"ClassToken({self.dim})"
+
+
+class ClassTokenPool(Module):
+    """(N, T, D) -> (N, D): token 0 alone; the other tokens get a zero gradient."""
+
+    def __init__(self):
+        self._shape = None
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x[:, 0]
+
+    def backward(self, dy):
+        xp = array_module(dy)
+        dx = xp.zeros(self._shape, dtype=dy.dtype)
+        dx[:, 0] = dy
+        return dx
+
+    def __repr__(self):
+        return "ClassTokenPool()"
