@@ -15,14 +15,35 @@ of dY in backward, both K times smaller than the column buffer.
 The column buffer is kept between steps (training mode only): it is needed
 by backward anyway, and reusing it avoids re-faulting tens of MB per layer
 per step. Its padding entries are written once (zero) and never touched.
+
+Channel-major path (`channel_major=True`, NumPy arrays; see
+docs/layers-cpu.md). Input and output are (C, N, H, W), so the GEMM output
+W (O, K) @ cols (K, N*Ho*Wo) is the output, with no transposing copy:
+
+* 1x1 stride-1 convolutions are that one GEMM on the input itself, no
+  im2col; strided 1x1 ones gather the strided pixels first;
+* other kernels im2col (a parallel Numba kernel) into one workspace shared
+  by all convolutions (hpcdl/layers/memory.py). Backward builds the columns
+  again instead of keeping them: a k*k-fold copy of every input alive from
+  forward to backward is what made the per-layer buffers cost gigabytes;
+* `takes_nchw=True` (a network's first convolution) reads NCHW input
+  through a transposed view and returns an NCHW input gradient;
+* `relu=True` applies the following ReLU in the bias pass after the GEMM
+  (that ReLU module then passes through), and masks dy in backward.
+
+On CuPy arrays the NCHW path above runs regardless.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from hpcdl.arena import Initializer, Param
 from hpcdl.backend import array_module
+from hpcdl.layers import memory
 from hpcdl.layers.base import Module, he_normal, zeros
 from hpcdl.layers.linear import BIAS_FLAGS
-from hpcdl.layers.windows import WindowPlan, col2im, im2col
+from hpcdl.layers.windows import WindowPlan, col2im, im2col, output_size
+from kernels import layers_cpu
 
 
 class Conv2d(Module):
@@ -47,6 +68,10 @@ class Conv2d(Module):
         self._cols = None          # reusable column buffer, valid for `_cols_key`
         self._cols_key = None
         self._cache = None         # (input shape, plan, cols) for backward
+        self.channel_major = False
+        self.takes_nchw = False
+        self.relu = False
+        self._out = None
 
     def _plan(self, height: int, width: int) -> WindowPlan:
         plan = self._plans.get((height, width))
@@ -68,6 +93,8 @@ class Conv2d(Module):
         return self._cols
 
     def forward(self, x):
+        if self.channel_major and isinstance(x, np.ndarray):
+            return self._forward_cm(x)
         xp = array_module(x)
         n, c, h, w = x.shape
         if c != self.in_channels:
@@ -84,6 +111,8 @@ class Conv2d(Module):
         return out
 
     def backward(self, dy):
+        if self.channel_major and isinstance(dy, np.ndarray):
+            return self._backward_cm(dy)
         xp = array_module(dy)
         x_shape, plan, cols2 = self._cache
         self._cache = None
@@ -97,6 +126,84 @@ class Conv2d(Module):
         dcols = (w2.T @ dy_t).reshape(x_shape[1], self.kernel, self.kernel, x_shape[0], plan.out_h, plan.out_w)
         dx = xp.zeros(x_shape, dtype=dy.dtype)
         col2im(dcols, dx, plan)
+        return dx
+
+    # -- channel-major path ---------------------------------------------------------------------
+
+    def _columns(self, xv, out_h: int, out_w: int):
+        """The (K, N*Ho*Wo) GEMM operand for input xv (C, N, H, W): xv itself, or built in the workspace."""
+        c, n = xv.shape[:2]
+        k, s, p = self.kernel, self.stride, self.padding
+        m = n * out_h * out_w
+        if k == 1 and p == 0:
+            if s == 1 and xv.flags.c_contiguous:
+                return xv.reshape(c, m)
+            sub = memory.workspace(c * m, xv.dtype).reshape(c, n, out_h, out_w)
+            layers_cpu.subsample(xv, sub, s)
+            return sub.reshape(c, m)
+        cols = memory.workspace(c * k * k * m, xv.dtype).reshape(c, k, k, n, out_h, out_w)
+        layers_cpu.im2col(xv, cols, k, s, p)
+        return cols.reshape(c * k * k, m)
+
+    def _forward_cm(self, x):
+        xv = x.transpose(1, 0, 2, 3) if self.takes_nchw else x
+        c, n, h, w = xv.shape
+        if c != self.in_channels:
+            layout = "NCHW" if self.takes_nchw else "channel-major CNHW"
+            raise ValueError(f"Conv2d expects {self.in_channels} input channels, got {layout} input of shape {x.shape}")
+        out_h = output_size(h, self.kernel, self.stride, self.padding)
+        out_w = output_size(w, self.kernel, self.stride, self.padding)
+        shape = (self.out_channels, n, out_h, out_w)
+        y = memory.layer_buffer(self, "_out", shape, x.dtype) if self.training else np.empty(shape, x.dtype)
+        y2 = y.reshape(self.out_channels, -1)
+        np.matmul(self.weight.data.reshape(self.out_channels, -1), self._columns(xv, out_h, out_w), out=y2)
+        if self.has_bias or self.relu:
+            layers_cpu.bias_relu(y2, self.bias.data if self.has_bias else None, self.relu)
+        self._cache = (xv, y2, (h, w, out_h, out_w)) if self.training else None
+        return y
+
+    def _backward_cm(self, dy):
+        xv, y2, (h, w, out_h, out_w) = self._cache
+        self._cache = None
+        c, n = xv.shape[:2]
+        o, k, s, p = self.out_channels, self.kernel, self.stride, self.padding
+        dy2 = dy.reshape(o, -1)
+        masked = None
+        if self.relu:
+            masked = memory.pool.take(dy2.shape, dy.dtype)
+            sums = np.empty(o) if self.has_bias else None
+            layers_cpu.relu_mask(dy2, y2, masked, sums)
+            dy2 = masked
+        elif self.has_bias:
+            sums = np.empty(o)
+            layers_cpu.row_sums(dy2, sums)
+        if self.has_bias:
+            self.bias.grad += sums.astype(dy.dtype)
+        w2 = self.weight.data.reshape(o, -1)
+        dw = memory.pool.take(w2.shape, dy.dtype)
+        np.matmul(dy2, self._columns(xv, out_h, out_w).T, out=dw)
+        self.weight.grad += dw.reshape(self.weight.shape)
+        memory.pool.give(dw)
+        if not self.input_grad:
+            memory.pool.give(masked)
+            return None
+        dx = memory.pool.take((c, n, h, w), dy.dtype)
+        m = n * out_h * out_w
+        if k == 1 and p == 0 and s == 1:
+            np.matmul(w2.T, dy2, out=dx.reshape(c, m))
+        elif k == 1 and p == 0:
+            dsub = memory.workspace(c * m, dy.dtype)
+            np.matmul(w2.T, dy2, out=dsub.reshape(c, m))
+            layers_cpu.upsample(dsub.reshape(c, n, out_h, out_w), dx, s)
+        else:
+            dcols = memory.workspace(c * k * k * m, dy.dtype)
+            np.matmul(w2.T, dy2, out=dcols.reshape(c * k * k, m))
+            layers_cpu.col2im(dcols.reshape(c, k, k, n, out_h, out_w), dx, k, s, p)
+        memory.pool.give(masked)
+        if self.takes_nchw:
+            nchw = np.ascontiguousarray(dx.transpose(1, 0, 2, 3))
+            memory.pool.give(dx)
+            return nchw
         return dx
 
     def __repr__(self):
