@@ -35,9 +35,9 @@ def _array_module(x):
 # -- im2col / col2im ------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _im2col(x, cols, k, stride, pad):
-    c_in, n_img, height, width = x.shape
-    out_h, out_w = cols.shape[4], cols.shape[5]
+def _im2col(x, cols, k, stride, pad, n0):
+    c_in, height, width = x.shape[0], x.shape[2], x.shape[3]
+    n_img, out_h, out_w = cols.shape[3], cols.shape[4], cols.shape[5]
     for t in prange(c_in * k * k):
         c, i, j = t // (k * k), (t // k) % k, t % k
         # output columns whose input column lies inside the image: lo <= ow < hi
@@ -54,7 +54,7 @@ def _im2col(x, cols, k, stride, pad):
                 if h < 0 or h >= height or hi <= lo:
                     row[:] = 0
                     continue
-                src = x[c, n, h]
+                src = x[c, n0 + n, h]
                 row[:lo] = 0
                 row[hi:] = 0
                 w0 = lo * stride + j - pad
@@ -65,17 +65,60 @@ def _im2col(x, cols, k, stride, pad):
                         row[ow] = src[w0 + (ow - lo) * stride]
 
 
-def im2col(x, cols, kernel: int, stride: int, pad: int) -> None:
-    """cols[c, i, j, n, oh, ow] = x[c, n, oh*s + i - p, ow*s + j - p], 0 where that reads padding.
+@njit(**JIT)
+def _im2col_same(x, cols, k, pad, n0):
+    # Stride 1 and output size = input size: for each offset (i, j) the
+    # columns of one image are its plane shifted by di*W + dj, so they are
+    # one contiguous copy, then the few entries that wrapped around a row
+    # edge or fell off the top or bottom are zeroed. Per-row copies of
+    # W elements were twice as slow at W = 28.
+    c_in, n_all, height, width = x.shape
+    n_img = cols.shape[3]
+    plane = height * width
+    xf, cf = x.reshape(-1), cols.reshape(-1)
+    for t in prange(c_in * k * k):
+        c, i, j = t // (k * k), (t // k) % k, t % k
+        di, dj = i - pad, j - pad
+        r0, r1 = max(0, -di), min(height, height - di)
+        for n in range(n_img):
+            out0 = t * n_img * plane + n * plane
+            in0 = (c * n_all + n0 + n) * plane
+            lo, hi = r0 * width, max(r0, r1) * width
+            for o in range(0, lo):
+                cf[out0 + o] = 0
+            for o in range(hi, plane):
+                cf[out0 + o] = 0
+            shift = di * width + dj
+            a, b = max(lo, -shift), min(hi, plane - shift)
+            for o in range(lo, a):
+                cf[out0 + o] = 0
+            for o in range(a, b):
+                cf[out0 + o] = xf[in0 + o + shift]
+            for o in range(max(a, b), hi):
+                cf[out0 + o] = 0
+            if dj != 0:
+                w_lo, w_hi = (width - dj, width) if dj > 0 else (0, -dj)
+                for r in range(r0, r1):
+                    for q in range(w_lo, w_hi):
+                        cf[out0 + r * width + q] = 0
+
+
+def im2col(x, cols, kernel: int, stride: int, pad: int, first: int = 0) -> None:
+    """cols[c, i, j, n, oh, ow] = x[c, first + n, oh*s + i - p, ow*s + j - p], 0 where that reads padding.
 
     x is (C, N, H, W), any strides (an NCHW array's transpose(1, 0, 2, 3) works);
-    cols is a C-contiguous (C, k, k, N, Ho, Wo) array, every entry written.
+    cols is a C-contiguous (C, k, k, count, Ho, Wo) array for images
+    first..first+count-1, every entry written.
     """
-    _im2col(x, cols, kernel, stride, pad)
+    if stride == 1 and cols.shape[4:] == x.shape[2:] and x.flags.c_contiguous:
+        _im2col_same(x, cols, kernel, pad, first)
+    else:
+        _im2col(x, cols, kernel, stride, pad, first)
 
 
-def im2col_numpy(x, cols, kernel: int, stride: int, pad: int) -> None:
+def im2col_numpy(x, cols, kernel: int, stride: int, pad: int, first: int = 0) -> None:
     xp = _array_module(x)
+    x = x[:, first:first + cols.shape[3]]
     c, n, h, w = x.shape
     out_h, out_w = cols.shape[4], cols.shape[5]
     padded = xp.zeros((c, n, h + 2 * pad + stride * kernel, w + 2 * pad + stride * kernel), dtype=x.dtype)
@@ -86,12 +129,12 @@ def im2col_numpy(x, cols, kernel: int, stride: int, pad: int) -> None:
 
 
 @njit(**JIT)
-def _col2im(dcols, dx, k, stride, pad):
-    c_in, n_img, height, width = dx.shape
-    out_h, out_w = dcols.shape[4], dcols.shape[5]
+def _col2im(dcols, dx, k, stride, pad, n0):
+    c_in, height, width = dx.shape[0], dx.shape[2], dx.shape[3]
+    n_img, out_h, out_w = dcols.shape[3], dcols.shape[4], dcols.shape[5]
     for t in prange(c_in * n_img):
         c, n = t // n_img, t % n_img
-        plane = dx[c, n]
+        plane = dx[c, n0 + n]
         plane[:, :] = 0
         for i in range(k):
             for oh in range(out_h):
@@ -107,13 +150,43 @@ def _col2im(dcols, dx, k, stride, pad):
                             dst[w] += src[ow]
 
 
-def col2im(dcols, dx, kernel: int, stride: int, pad: int) -> None:
-    """Adjoint of im2col: dx (C, N, H, W) = sum of dcols (C, k, k, N, Ho, Wo) over the windows. Overwrites dx."""
-    _col2im(dcols, dx, kernel, stride, pad)
+@njit(**JIT)
+def _col2im_same(dcols, dx, k, pad, n0):
+    # adjoint of _im2col_same: each offset adds one shifted contiguous run;
+    # entries that wrapped around a row edge are skipped row by row
+    c_in, height, width = dx.shape[0], dx.shape[2], dx.shape[3]
+    n_img = dcols.shape[3]
+    for t in prange(c_in * n_img):
+        c, n = t // n_img, t % n_img
+        dst = dx[c, n0 + n]
+        dst[:, :] = 0
+        for i in range(k):
+            di = i - pad
+            r0, r1 = max(0, -di), min(height, height - di)
+            for j in range(k):
+                dj = j - pad
+                src = dcols[c, i, j, n]
+                q0, q1 = max(0, -dj), min(width, width - dj)
+                for r in range(r0, r1):
+                    d_row, s_row = dst[r + di], src[r]
+                    for q in range(q0, q1):
+                        d_row[q + dj] += s_row[q]
 
 
-def col2im_numpy(dcols, dx, kernel: int, stride: int, pad: int) -> None:
+def col2im(dcols, dx, kernel: int, stride: int, pad: int, first: int = 0) -> None:
+    """Adjoint of im2col: dx[:, first:first+count] = dcols (C, k, k, count, Ho, Wo) summed over the windows.
+
+    Overwrites those images of dx (C, N, H, W) and leaves the others alone.
+    """
+    if stride == 1 and dcols.shape[4:] == dx.shape[2:] and dcols.flags.c_contiguous:
+        _col2im_same(dcols, dx, kernel, pad, first)
+    else:
+        _col2im(dcols, dx, kernel, stride, pad, first)
+
+
+def col2im_numpy(dcols, dx, kernel: int, stride: int, pad: int, first: int = 0) -> None:
     xp = _array_module(dx)
+    dx = dx[:, first:first + dcols.shape[3]]
     c, n, h, w = dx.shape
     out_h, out_w = dcols.shape[4], dcols.shape[5]
     padded = xp.zeros((c, n, h + 2 * pad + stride * kernel, w + 2 * pad + stride * kernel), dtype=dx.dtype)
@@ -397,23 +470,26 @@ def _maxpool(x, y, winner, k, stride, pad, record):
     out_h, out_w = y.shape[2], y.shape[3]
     for t in prange(c_in * n_img):
         c, n = t // n_img, t % n_img
-        src = x[c, n]
+        src, dst, won_plane = x[c, n], y[c, n], winner[c, n] if record else winner[0, 0]
         for oh in range(out_h):
+            h0 = oh * stride - pad
+            i_lo, i_hi = max(0, -h0), min(k, height - h0)
             for ow in range(out_w):
-                best = -np.inf
-                won = 0
-                for i in range(k):
-                    h = oh * stride + i - pad
-                    if h < 0 or h >= height:
-                        continue
-                    for j in range(k):
-                        w = ow * stride + j - pad
-                        if 0 <= w < width and src[h, w] > best:
-                            best = src[h, w]
+                w0 = ow * stride - pad
+                j_lo, j_hi = max(0, -w0), min(k, width - w0)
+                # the first in-bounds offset starts the scan, so ties keep the first maximum
+                best = src[h0 + i_lo, w0 + j_lo]
+                won = i_lo * k + j_lo
+                for i in range(i_lo, i_hi):
+                    row = src[h0 + i]
+                    for j in range(j_lo, j_hi):
+                        v = row[w0 + j]
+                        if v > best:
+                            best = v
                             won = i * k + j
-                y[c, n, oh, ow] = best
+                dst[oh, ow] = best
                 if record:
-                    winner[c, n, oh, ow] = won
+                    won_plane[oh, ow] = won
 
 
 def maxpool(x, y, winner, kernel: int, stride: int, pad: int) -> None:
