@@ -19,8 +19,17 @@ fastmath and the summation order does not depend on the CPU's vector width.
 """
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import os
+
+# Numba's OpenMP pool spins after each parallel region by default; between
+# these kernels run multi-threaded BLAS calls whose own workers then find
+# every core taken. With two threads on two cores that made a ResNet-50 step
+# slower than on one thread; sleeping workers cost a wake-up (microseconds)
+# per kernel instead. libgomp reads this when Numba first starts its pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 LANES = 32
