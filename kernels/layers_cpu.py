@@ -35,6 +35,13 @@ JIT = dict(parallel=True, fastmath=False, cache=True, nogil=True)
 LANES = 32
 
 
+def threads() -> int:
+    """Threads of Numba's pool for this thread of the process (set by hpcdl.threads)."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
 def _array_module(x):
     from hpcdl.backend import array_module
 
