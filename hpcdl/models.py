@@ -10,6 +10,10 @@ Option common to all models: `input_grad` (default False). A trainer never
 needs dL/d(image), so the first weight layer skips that product and
 `model.backward` returns None; pass True to get the input gradient
 (saliency maps, adversarial examples, gradient checks).
+
+Convolutional models run their convolution trunk channel-major on NumPy
+arrays (`channel_major_trunk`, docs/layers-cpu.md): inputs and outputs, and
+every parameter's shape and name, stay as in PyTorch.
 """
 from __future__ import annotations
 
@@ -62,9 +66,56 @@ def build(name: str, input_shape=(1, 28, 28), num_classes: int = 10, **options) 
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"model.num_classes: expected a positive integer, got {num_classes!r}")
     try:
-        return builder(*shape, num_classes=num_classes, **options)
+        return channel_major_trunk(builder(*shape, num_classes=num_classes, **options))
     except ValueError as exc:  # a size that does not fit, a bad width or head count
         raise ConfigError(f"model: cannot build {name!r} for input_shape {shape}, options {options}: {exc}") from exc
+
+
+# -- channel-major trunk -------------------------------------------------------------
+
+def _supports_channel_major(module: Module) -> bool:
+    if isinstance(module, (Conv2d, BatchNorm, ReLU, MaxPool2d)):
+        return True
+    if isinstance(module, Sequential):
+        return all(_supports_channel_major(m) for m in module.layers)
+    if isinstance(module, Residual):
+        parts = [module.body] + [m for m in (module.shortcut, module.post) if m is not None]
+        return all(_supports_channel_major(m) for m in parts)
+    return False
+
+
+def _fuse_relus(module: Module) -> None:
+    """A ReLU right after a Conv2d or BatchNorm is applied by that layer, in the same pass over memory."""
+    for seq in module.modules():
+        if not isinstance(seq, Sequential):
+            continue
+        for before, after in zip(seq.layers, seq.layers[1:]):
+            if isinstance(after, ReLU) and isinstance(before, (Conv2d, BatchNorm)) and not before.relu:
+                before.relu, after.fused = True, True
+
+
+def channel_major_trunk(model: Module) -> Module:
+    """Run the convolutional prefix of a Sequential channel-major (C, N, H, W) on NumPy arrays; returns model.
+
+    The trunk is the longest prefix of convolution, batch-norm, ReLU,
+    max-pool and residual layers that starts with a Conv2d and ends at a
+    Flatten or GlobalAvgPool: the first convolution reads NCHW, the exit
+    layer returns the usual (N, features). Models without such a prefix are
+    left as they are. CuPy arrays take the NCHW code of every layer.
+    """
+    if not isinstance(model, Sequential) or not model.layers or not isinstance(model.layers[0], Conv2d):
+        return model
+    end = 0
+    while end < len(model.layers) and _supports_channel_major(model.layers[end]):
+        end += 1
+    if end == len(model.layers) or not isinstance(model.layers[end], (Flatten, GlobalAvgPool)):
+        return model
+    for layer in model.layers[:end + 1]:
+        for m in layer.modules():
+            m.channel_major = True
+    model.layers[0].takes_nchw = True
+    _fuse_relus(Sequential(*model.layers[:end]))
+    return model
 
 
 # -- small helpers ---------------------------------------------------------------

@@ -431,6 +431,10 @@ def apply(plan: ThreadPlan) -> ThreadPlan:
     notes = list(plan.notes)
     for var in _EXPORTED:
         os.environ[var] = str(n)
+    # OpenBLAS workers spin ~0.1 s after each call by default, taking the cores
+    # from the Numba kernels between GEMMs (a 2-thread ResNet-50 step ran
+    # slower than a 1-thread one); 2^4 cycles lets them sleep almost at once.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     # NUMBA_NUM_THREADS fixes the size of Numba's pool when Numba loads (by
     # default the CPUs in the mask, or all CPUs in older Numba): below the count
     # would be wrong, above is harmless.

@@ -134,7 +134,8 @@ def test_zero_init_residual_makes_each_block_start_as_relu_of_its_shortcut():
     model = models.build("resnet18", (3, 16, 16), 10, width=0.25, zero_init_residual=True)
     Arena([p for _, p in model.named_parameters()])
     block = model.layers[3]  # the first residual block: identity shortcut
-    x = np.abs(np.random.default_rng(0).standard_normal((2, 16, 16, 16))).astype(np.float32)
+    assert block.channel_major  # inside the trunk, blocks take (C, N, H, W)
+    x = np.abs(np.random.default_rng(0).standard_normal((16, 2, 16, 16))).astype(np.float32)
     np.testing.assert_array_equal(block.forward(x), x)
 
 

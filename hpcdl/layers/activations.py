@@ -3,15 +3,30 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from hpcdl.backend import array_module
 from hpcdl.layers.base import Module
 
 
 class ReLU(Module):
+    """max(x, 0).
+
+    `fused=True` means the layer before applies this ReLU itself on the
+    channel-major NumPy path (Conv2d.relu, BatchNorm.relu): there this module
+    passes values and gradients through untouched. Elsewhere (CuPy arrays)
+    it computes as usual, and so does the layer before.
+    """
+
     def __init__(self):
         self._y = None
+        self.fused = False
+        self._passed = False
 
     def forward(self, x):
+        self._passed = self.fused and isinstance(x, np.ndarray) and x.ndim == 4
+        if self._passed:
+            return x
         y = array_module(x).maximum(x, 0)
         # The output alone decides the gradient (y > 0 exactly where x > 0),
         # and the next layer keeps it alive anyway, so caching it is free.
@@ -19,6 +34,8 @@ class ReLU(Module):
         return y
 
     def backward(self, dy):
+        if self._passed:
+            return dy
         y, self._y = self._y, None
         return dy * (y > 0)
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from hpcdl.arena import Param
+from hpcdl.layers.memory import pool
 
 
 class Module:
@@ -132,8 +133,13 @@ class Sequential(Module):
         return x
 
     def backward(self, dy):
-        for layer in reversed(self.layers):
-            dy = self._backward_child(layer, dy)
+        for i, layer in enumerate(reversed(self.layers)):
+            dx = self._backward_child(layer, dy)
+            if i:
+                # dy came from our own previous child and nobody else holds it:
+                # back to the pool, unless dx is (a view of) it
+                pool.give(dy, unless_shared_with=dx)
+            dy = dx
         return dy
 
     def __repr__(self):

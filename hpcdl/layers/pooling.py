@@ -1,9 +1,13 @@
 """Pooling: max and average over square windows, and global averages."""
 from __future__ import annotations
 
+import numpy as np
+
 from hpcdl.backend import array_module
+from hpcdl.layers import memory
 from hpcdl.layers.base import Module
-from hpcdl.layers.windows import WindowPlan
+from hpcdl.layers.windows import WindowPlan, output_size
+from kernels import layers_cpu
 
 
 class MaxPool2d(Module):
@@ -11,6 +15,8 @@ class MaxPool2d(Module):
 
     Forward remembers which kernel offset won in each window (uint8); on
     ties the first offset in row-major order wins and alone gets the gradient.
+    `channel_major=True`: NumPy input is (C, N, H, W) and a parallel Numba
+    kernel does both passes, one (channel, image) plane per task.
     """
 
     def __init__(self, kernel: int, stride: int | None = None, padding: int = 0):
@@ -20,8 +26,12 @@ class MaxPool2d(Module):
         if 2 * self.padding > self.kernel:
             raise ValueError(f"MaxPool2d padding {padding} must be at most half the kernel {kernel}")
         self._cache = None
+        self.channel_major = False
+        self._out = self._winner = None
 
     def forward(self, x):
+        if self.channel_major and isinstance(x, np.ndarray):
+            return self._forward_cm(x)
         xp = array_module(x)
         n, c, h, w = x.shape
         plan = WindowPlan.build(h, w, self.kernel, self.stride, self.padding)
@@ -39,7 +49,26 @@ class MaxPool2d(Module):
         self._cache = (x.shape, plan, winner) if self.training else None
         return y
 
+    def _forward_cm(self, x):
+        c, n, h, w = x.shape
+        k, s, p = self.kernel, self.stride, self.padding
+        shape = (c, n, output_size(h, k, s, p), output_size(w, k, s, p))
+        if self.training:
+            y = memory.layer_buffer(self, "_out", shape, x.dtype)
+            winner = memory.layer_buffer(self, "_winner", shape, np.uint8)
+        else:
+            y, winner = np.empty(shape, x.dtype), None
+        layers_cpu.maxpool(x, y, winner, k, s, p)
+        self._cache = ("cm", x.shape, winner) if self.training else None
+        return y
+
     def backward(self, dy):
+        if isinstance(self._cache[0], str):
+            _, x_shape, winner = self._cache
+            self._cache = None
+            dx = memory.pool.take(x_shape, dy.dtype)
+            layers_cpu.maxpool_backward(dy, winner, dx, self.kernel, self.stride, self.padding)
+            return dx
         xp = array_module(dy)
         x_shape, plan, winner = self._cache
         self._cache = None
@@ -91,16 +120,31 @@ class AvgPool2d(Module):
 
 
 class GlobalAvgPool(Module):
-    """(N, C, H, W) -> (N, C): mean over all spatial positions."""
+    """(N, C, H, W) -> (N, C): mean over all spatial positions.
+
+    `channel_major=True`: NumPy input is (C, N, H, W), the exit of the
+    channel-major trunk; the output is (N, C) all the same.
+    """
 
     def __init__(self):
         self._shape = None
+        self.channel_major = False
+        self._cm = False
 
     def forward(self, x):
         self._shape = x.shape
+        self._cm = self.channel_major and isinstance(x, np.ndarray)
+        if self._cm:
+            c, n = x.shape[:2]
+            return np.ascontiguousarray(x.reshape(c, n, -1).mean(axis=2).T)
         return x.mean(axis=(2, 3))
 
     def backward(self, dy):
+        if self._cm:
+            c, n, h, w = self._shape
+            dx = memory.pool.take(self._shape, dy.dtype)
+            dx.reshape(c, n, h * w)[...] = (dy.T * (1.0 / (h * w)))[:, :, None]
+            return dx
         xp = array_module(dy)
         n, c, h, w = self._shape
         dx = xp.empty(self._shape, dtype=dy.dtype)

@@ -1,22 +1,40 @@
 """Layers that only rearrange data: Flatten and ImageToTokens."""
 from __future__ import annotations
 
+import numpy as np
+
+from hpcdl.layers import memory
 from hpcdl.layers.base import Module
 
 
 class Flatten(Module):
-    """(N, ...) -> (N, prod(...))."""
+    """(N, ...) -> (N, prod(...)).
+
+    `channel_major=True`: 4-D NumPy input is (C, N, H, W), the exit of the
+    channel-major trunk; the output is the (N, C*H*W) of the NCHW input all
+    the same, so the Linear layer after it sees PyTorch's feature order.
+    """
 
     def __init__(self):
         self._shape = None
+        self.channel_major = False
+        self._cm = False
 
     def forward(self, x):
         self._shape = x.shape
+        self._cm = self.channel_major and isinstance(x, np.ndarray) and x.ndim == 4
+        if self._cm:
+            return x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
         if dy is None:  # the layer after us skipped its input gradient
             return None
+        if self._cm:
+            c, n, h, w = self._shape
+            dx = memory.pool.take(self._shape, dy.dtype)
+            dx[...] = dy.reshape(n, c, h, w).transpose(1, 0, 2, 3)
+            return dx
         return dy.reshape(self._shape)
 
 
