@@ -7,7 +7,7 @@ from gradcheck import check_module
 from hpcdl import models
 from hpcdl.arena import Arena
 from hpcdl.layers import BatchNorm, Conv2d, MaxPool2d, ReLU, Residual, Sequential, memory, softmax_cross_entropy
-from kernels import layers_cpu as K
+from hpcdl.kernels import layers_cpu as K
 
 DTYPES = [np.float32, np.float64]
 

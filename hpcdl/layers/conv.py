@@ -44,7 +44,7 @@ from hpcdl.layers import memory
 from hpcdl.layers.base import Module, he_normal, zeros
 from hpcdl.layers.linear import BIAS_FLAGS
 from hpcdl.layers.windows import WindowPlan, col2im, im2col, output_size
-from kernels import layers_cpu
+from hpcdl.kernels import layers_cpu
 
 # im2col chunk size per thread for the channel-major path: measured on a
 # 2 MB-L2 Xeon, 4-8 MB chunks beat one full-batch column matrix by 10-20% per

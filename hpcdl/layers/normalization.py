@@ -9,7 +9,7 @@ from hpcdl.arena import Param
 from hpcdl.backend import array_module
 from hpcdl.layers import memory
 from hpcdl.layers.base import Module, ones, zeros
-from kernels import layers_cpu
+from hpcdl.kernels import layers_cpu
 
 NORM_FLAGS = ("norm", "no_decay", "no_adapt")
 

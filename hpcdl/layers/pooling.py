@@ -7,7 +7,7 @@ from hpcdl.backend import array_module
 from hpcdl.layers import memory
 from hpcdl.layers.base import Module
 from hpcdl.layers.windows import WindowPlan, output_size
-from kernels import layers_cpu
+from hpcdl.kernels import layers_cpu
 
 
 class MaxPool2d(Module):

@@ -45,7 +45,7 @@ class Residual(Module):
         return y if self.post is None else self.post.forward(y)
 
     def _forward_cm(self, x):
-        from kernels import layers_cpu
+        from hpcdl.kernels import layers_cpu
         from hpcdl.layers.conv import Conv2d
         from hpcdl.layers.normalization import BatchNorm
 
@@ -79,7 +79,7 @@ class Residual(Module):
         return d_body + d_short
 
     def _backward_cm(self, dy):
-        from kernels import layers_cpu
+        from hpcdl.kernels import layers_cpu
 
         y, relu = self._cm_y
         self._cm_y = None
