@@ -44,6 +44,19 @@ def test_every_algorithm_is_exact_and_identical_on_all_ranks(ranks, extra):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [4, 5, 6, 7, 8])
+def test_every_algorithm_is_exact_and_identical_at_four_to_eight_ranks(ranks):
+    """Oversubscribed on purpose: recursive halving with several levels (p >= 4), folds with a
+    remainder of 1..3 (p = 5, 6, 7), uneven fake nodes; one launch per world size."""
+    proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), "--quick", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = last_json_line(proc.stdout)
+    assert report["world"] == ranks
+    assert report["failures"] == []
+    assert report["cases"] > 300
+
+
+@pytest.mark.mpi
 def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     out, table = tmp_path / "bench.json", tmp_path / "crossovers.json"
     proc = mpiexec(2, sys.executable, "-m", "hpcdl.bench.allreduce", "--sizes", "4KiB,256KiB", "--repeats", "2",
