@@ -32,9 +32,14 @@ def last_json_line(stdout: str) -> dict:
 # -- real ranks --------------------------------------------------------------------------------
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks, extra", [(2, []), (3, ["--ranks-per-node", "2"])], ids=["p2-one-node", "p3-two-fake-nodes"])
+@pytest.mark.parametrize("ranks, extra", [
+    (2, []),
+    (3, ["--ranks-per-node", "2", "--piece-kb", "4", "--pipeline-depth", "3"]),
+], ids=["p2-one-node", "p3-two-fake-nodes-4KiB-pieces"])
 def test_every_algorithm_is_exact_and_identical_on_all_ranks(ranks, extra):
-    """Sizes 0, 1, p-1, 1001, 2^20+3; float32/64; sum/mean; twice; non-blocking; bcast; allgather_obj."""
+    """Sizes 0, 1, p-1, p+1, 1001, 300007, 2^20+3; float32/64; sum/mean; twice; non-blocking; bcast; allgather_obj.
+
+    Tiny pieces at p = 3 put hundreds of pieces in every step, three in flight."""
     proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = last_json_line(proc.stdout)
@@ -44,11 +49,18 @@ def test_every_algorithm_is_exact_and_identical_on_all_ranks(ranks, extra):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [4, 5, 6, 7, 8])
-def test_every_algorithm_is_exact_and_identical_at_four_to_eight_ranks(ranks):
+@pytest.mark.parametrize("ranks, extra", [
+    (4, []),
+    (5, ["--piece-kb", "64", "--pipeline-depth", "1"]),
+    (6, ["--piece-kb", "16"]),
+    (7, ["--pipeline-depth", "4"]),
+    (8, []),
+], ids=["p4", "p5-unpipelined", "p6-16KiB-pieces", "p7-depth4", "p8"])
+def test_every_algorithm_is_exact_and_identical_at_four_to_eight_ranks(ranks, extra):
     """Oversubscribed on purpose: recursive halving with several levels (p >= 4), folds with a
-    remainder of 1..3 (p = 5, 6, 7), uneven fake nodes; one launch per world size."""
-    proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), "--quick", timeout=240)
+    remainder of 1..3 (p = 5, 6, 7), sharded hierarchical on 2 and 3 fake nodes, the unequal-node
+    fallback (p = 5, 7); one launch per world size."""
+    proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), "--quick", *extra, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = last_json_line(proc.stdout)
     assert report["world"] == ranks

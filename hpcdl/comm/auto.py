@@ -133,7 +133,7 @@ class AutoCommunicator(Communicator):
     name = "auto"
 
     def __init__(self, mpi_comm=None, crossovers: str | os.PathLike | dict | None = None, **options):
-        super().__init__(mpi_comm)
+        super().__init__(mpi_comm, **{k: v for k, v in options.items() if k in ("piece_kb", "pipeline_depth")})
         from hpcdl.comm import create
 
         crossovers = crossovers or os.environ.get(CROSSOVERS_ENV) or None

@@ -60,6 +60,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks-per-node", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="float64 and mean on the small sizes only")
+    parser.add_argument("--piece-kb", type=int, default=None, help="reduce piece size (default: from the cache)")
+    parser.add_argument("--pipeline-depth", type=int, default=None, help="pieces in flight (1 = not pipelined)")
     args = parser.parse_args()
     world = MPI.COMM_WORLD
     p, rank = world.Get_size(), world.Get_rank()
@@ -67,7 +69,7 @@ def main() -> int:
     failures, cases = [], 0
 
     for label, name, options in variants(p, args.ranks_per_node):
-        comm = hpcdl.comm.create(name, **options)
+        comm = hpcdl.comm.create(name, piece_kb=args.piece_kb, pipeline_depth=args.pipeline_depth, **options)
         assert comm.rank == rank and comm.size == p and comm.mpi_comm is world and comm.name == name
         for dtype in (np.float32, np.float64):
             for op in ("sum", "mean"):
@@ -113,7 +115,8 @@ def main() -> int:
     gathered_failures = world.gather(failures)
     all_failures = [f for fs in gathered_failures for f in fs] if rank == 0 else []
     if rank == 0:
-        print(json.dumps({"cases": cases, "world": p, "failures": all_failures}))
+        print(json.dumps({"cases": cases, "world": p, "failures": all_failures,
+                          "pieces": [comm.pieces.bytes, comm.pieces.depth]}))
     ok = world.bcast(not all_failures if rank == 0 else None)
     return 0 if ok else 1
 
