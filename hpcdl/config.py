@@ -106,6 +106,13 @@ class CommConfig:
     ranks_per_node: int = _key(0, "hierarchical: ranks per node; 0 = detect from MPI shared-memory domains", min=0)
     bucket_mb: float = _key(25.0, "gradient bucket size in MiB", min=0.0, min_exclusive=True)
     overlap: bool = _key(True, "start each bucket's allreduce during backward as soon as its gradients are complete")
+    progress: str = _key("thread", "what advances buckets in flight: 'thread' (a communication thread, needs "
+                         "MPI_THREAD_MULTIPLE) or 'hooks' (backward's gradient-ready hooks poll them)",
+                         choices=("thread", "hooks"))
+    progress_budget_ms: float = _key(0.0, "hooks: keep polling for up to this long in each hook call; 0 = one poll", min=0.0)
+    progress_interval_us: float = _key(50.0, "thread: sleep between polls that find nothing finished (bounds its CPU share)", min=0.0)
+    piece_kb: int = _key(0, "reduce piece size in KiB; 0 = a quarter of the L2 cache (smallest over ranks)", min=0)
+    pipeline_depth: int = _key(2, "reduce pieces in flight per step; 1 = not pipelined", min=1)
     sync_batchnorm: bool = _key(False, "batch-norm statistics over the global batch (allreduce of the sums)")
     stall_timeout_s: float = _key(60.0, "report ranks that have not arrived after waiting this long in a collective; 0 = off", min=0.0)
 

@@ -76,6 +76,7 @@ class Run:
         return self.world.rank
 
     def close(self) -> None:
+        self.reducer.close()
         self.loader.close()
         self.data.close()
         if self.watchdog is not None:
@@ -98,7 +99,8 @@ def run(config: Config, out: str | None = None, resume: str | None = None,
 def _setup(config: Config, out_dir: Path) -> Run:
     # -- world: communicator, device, guards ----------------------------------------------
     world = comm.create(config.comm.algorithm, crossovers=config.comm.crossovers or None,
-                        ranks_per_node=config.comm.ranks_per_node or None)
+                        ranks_per_node=config.comm.ranks_per_node or None, piece_kb=config.comm.piece_kb or None,
+                        pipeline_depth=config.comm.pipeline_depth)
     xp = backend.use_device(config.runtime.device, local_rank=_local_rank(world))
     watchdog = guard.StallWatchdog(world.mpi_comm, timeout_s=config.comm.stall_timeout_s) \
         if world.size > 1 and config.comm.stall_timeout_s > 0 else None
@@ -147,7 +149,9 @@ def _setup(config: Config, out_dir: Path) -> Run:
 
     # -- gradient path: buckets reduced during backward, then one fused optimizer pass -----------
     reducer = comm.BucketReducer(world, arena, bucket_bytes=int(config.comm.bucket_mb * 2**20),
-                                 overlap=config.comm.overlap, op="sum")
+                                 overlap=config.comm.overlap, op="sum", progress=config.comm.progress,
+                                 budget_s=config.comm.progress_budget_ms / 1e3,
+                                 poll_interval_s=config.comm.progress_interval_us / 1e6)
     reducer.attach(model)
     optimizer = optim.create(config.optim.name, arena, **_optimizer_options(config))
     steps_per_epoch = sampler.steps_per_epoch

@@ -127,10 +127,15 @@ class _Timer:
         return samples
 
 
-def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, warmup: int) -> list[dict]:
+MEMCPY = "memcpy"  # not an allreduce: a copy of the buffer on every rank at once, the yardstick
+
+
+def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, warmup: int,
+          memcpy: bool = True) -> list[dict]:
     p = timer.comm.Get_size()
     itemsize = np.dtype(dtype).itemsize
     buf = np.ones(max(sizes) // itemsize + 1, dtype=dtype)
+    copy = np.ones_like(buf) if memcpy else None
     # First calls pay for connection set-up and page faults; keep that out of the smallest size.
     for comm in comms.values():
         for _ in range(5):
@@ -139,10 +144,12 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
     for nbytes in sizes:
         n = nbytes // itemsize
         view = buf[:n]
+        variants = {name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()}
+        if memcpy:
+            variants[MEMCPY] = lambda: np.copyto(copy[:n], view)
         # view.fill(1) keeps values bounded, outside the timed region
-        samples = timer.interleaved({name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()},
-                                    repeats, warmup, before=lambda: view.fill(1))
-        for name in comms:
+        samples = timer.interleaved(variants, repeats, warmup, before=lambda: view.fill(1))
+        for name in variants:
             row = {"algorithm": name, "bytes": n * itemsize, **_summary(samples[name])}
             row["algbw_GBps"] = row["bytes"] / row["median_s"] / 1e9 if row["median_s"] > 0 else 0.0
             row["busbw_GBps"] = row["algbw_GBps"] * 2 * (p - 1) / p
@@ -152,6 +159,11 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
             for r in rows:
                 if r["bytes"] == n * itemsize:
                     r["vs_native"] = r["median_s"] / base if base > 0 else float("nan")
+        if memcpy:
+            base = next(r["median_s"] for r in rows if r["bytes"] == n * itemsize and r["algorithm"] == MEMCPY)
+            for r in rows:
+                if r["bytes"] == n * itemsize:
+                    r["vs_memcpy"] = r["median_s"] / base if base > 0 else float("nan")
     return rows
 
 
@@ -266,12 +278,13 @@ def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup
 
 def _print_table(world: int, rows: list[dict], resnet: dict | None, dtype_name: str) -> None:
     print(f"allreduce sweep: {world} ranks, {dtype_name}; median of the slowest rank, [min, max]")
-    print(f"{'bytes':>12} {'algorithm':>19} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'algbw GB/s':>10} {'busbw GB/s':>10} {'vs native':>9}")
+    print(f"{'bytes':>12} {'algorithm':>24} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'algbw GB/s':>10} "
+          f"{'busbw GB/s':>10} {'vs native':>9} {'vs memcpy':>9}")
     for r in rows:
-        vs = r.get("vs_native")
-        print(f"{r['bytes']:>12} {r['algorithm']:>19} {r['median_s'] * 1e3:>10.3f} {r['min_s'] * 1e3:>9.3f} "
+        vs, vm = r.get("vs_native"), r.get("vs_memcpy")
+        print(f"{r['bytes']:>12} {r['algorithm']:>24} {r['median_s'] * 1e3:>10.3f} {r['min_s'] * 1e3:>9.3f} "
               f"{r['max_s'] * 1e3:>9.3f} {r['algbw_GBps']:>10.2f} {r['busbw_GBps']:>10.2f} "
-              f"{'' if vs is None else f'{vs:.2f}x':>9}")
+              f"{'' if vs is None else f'{vs:.2f}x':>9} {'' if vm is None else f'{vm:.2f}x':>9}")
     if resnet:
         print(f"\nResNet-50 gradients: {resnet['tensors']} tensors, {resnet['parameters']:,} parameters, "
               f"{resnet['bytes'] / 1e6:.1f} MB, buckets of {resnet['bucket_bytes'] / 2**20:g} MiB {resnet['buckets']}")
@@ -300,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crossovers", metavar="PATH", help="crossover table for 'auto' (default: the shipped one)")
     parser.add_argument("--ranks-per-node", type=int, help="fake nodes of this many ranks for 'hierarchical'")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-50 gradient set")
+    parser.add_argument("--unpipelined", default="", metavar="ALGS",
+                        help="also time these algorithms with one piece in flight (pipeline_depth=1), e.g. ring")
+    parser.add_argument("--piece-kb", type=int, help="reduce piece size in KiB (default: a quarter of the L2 cache)")
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for the ResNet-50 set (default: %(default)s)")
     parser.add_argument("--bucketed", default="ring,auto", help="algorithms behind the BucketReducer (default: %(default)s)")
     parser.add_argument("--backward-ms", type=float, default=0.0,
@@ -326,9 +342,15 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
 
     def factory(name):
-        return hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node, crossovers=args.crossovers)
+        return hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node, crossovers=args.crossovers,
+                                 piece_kb=args.piece_kb)
 
     comms = {name: factory(name) for name in algorithms}
+    for name in [a for a in args.unpipelined.split(",") if a]:
+        if name not in hpcdl.comm.ALGORITHMS or name in ("native", "auto"):
+            raise UserError(f"--unpipelined: {name!r} is not one of hpcdl's own algorithms")
+        comms[f"{name}_unpipelined"] = hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node,
+                                                         pipeline_depth=1, piece_kb=args.piece_kb)
     timer = _Timer(world)
     gamma = local_add_cost(timer, dtype)
     rows = sweep(comms, timer, sizes, dtype, args.repeats, args.warmup)
@@ -339,7 +361,7 @@ def main(argv=None) -> int:
 
     medians: dict[int, dict[str, float]] = {}
     for r in rows:
-        if r["algorithm"] != "auto":
+        if r["algorithm"] in hpcdl.comm.ALGORITHMS and r["algorithm"] != "auto":
             medians.setdefault(r["bytes"], {})[r["algorithm"]] = r["median_s"]
     rules = rules_from_timings(medians) if medians else []
     result = {"world": world.Get_size(), "dtype": dtype.name, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
