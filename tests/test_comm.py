@@ -78,7 +78,10 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     result = json.loads(out.read_text())
     assert result["world"] == 2
     rows = {(r["algorithm"], r["bytes"]): r for r in result["sweep"]}
-    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner") for n in (4096, 262144)}
+    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner", "memcpy") for n in (4096, 262144)}
+    # the counted wire bytes of hpcdl's own algorithms: 2(p-1)/p·n = n at p = 2
+    assert rows[("ring", 262144)]["traffic_vs_optimal"] == pytest.approx(1.0, rel=0.01)
+    assert rows[("memcpy", 262144)]["vs_memcpy"] == 1.0
     for r in rows.values():
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(p-1)/p = 1 at p = 2
@@ -91,6 +94,11 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     chosen = hpcdl.comm.create("auto", crossovers=str(table))
     p_used, rules = auto.rules_for(saved, 2)
     assert p_used == 2 and chosen.table["by_ranks"]["2"] == rules
+    assert saved["machine"] == auto.machine_fingerprint() and set(saved["costs"]) >= {"ring", "native"}
+    # at the P it was measured, on this machine, auto follows the measured rules and says so
+    proc = mpiexec(2, sys.executable, "-c", "import hpcdl.comm as c, sys; a = c.create('auto', crossovers=sys.argv[1]);"
+                   " print(a.mode, a.table_ranks) if a.rank == 0 else None", str(table))
+    assert proc.returncode == 0 and proc.stdout.split() == ["measured", "2"], proc.stdout + proc.stderr
 
 
 # -- one rank, in process ----------------------------------------------------------------------
@@ -161,15 +169,42 @@ def test_rules_switch_halfway_between_measured_sizes():
 
 
 def test_auto_dispatches_by_size_and_describes_its_table():
-    table = {"format": auto.FORMAT, "source": "test", "by_ranks": {
+    table = {"format": auto.FORMAT, "source": "test", "machine": auto.machine_fingerprint(), "by_ranks": {
         "1": [{"up_to_bytes": 1000, "algorithm": "recursive_doubling"}, {"up_to_bytes": None, "algorithm": "ring"}],
         "8": [{"up_to_bytes": None, "algorithm": "native"}]}}
     comm = hpcdl.comm.create("auto", crossovers=table)
+    assert comm.mode == "measured"
     assert comm.choose(8) == "recursive_doubling" and comm.choose(1000) == "recursive_doubling"
     assert comm.choose(1001) == "ring"
     text = comm.describe()
-    assert "measured at P=1" in text and "recursive_doubling" in text and "> 1000 B" in text
-    assert auto.rules_for(table, 5)[0] == 1 and auto.rules_for(table, 64)[0] == 8
+    assert "measured at P=1 on this kind of machine" in text and "recursive_doubling" in text and "> 1000 B" in text
+    assert auto.rules_for(table, 1)[0] == 1 and auto.rules_for(table, 5) is None
+
+
+def test_a_table_from_another_world_size_or_machine_is_never_applied_silently():
+    rules = [{"up_to_bytes": None, "algorithm": "native"}]
+    costs = {name: {"alpha": 1e-6, "beta": 1e-10, "gamma": 0.0} for name in ("ring", "native", "rabenseifner",
+                                                                              "recursive_doubling")}
+    costs["native"]["beta"] = 1e-9  # native much slower per byte: the model must not pick it for big messages
+    other_p = {"format": auto.FORMAT, "source": "bench at P=2", "machine": auto.machine_fingerprint(),
+               "by_ranks": {"2": rules}, "costs": costs, "costs_from": "P=2: bench"}
+    comm = hpcdl.comm.create("auto", crossovers=other_p)  # this process is a world of 1
+    assert comm.mode == "model" and comm.table_ranks is None
+    assert "no crossovers measured at P=1 (the table has P=2)" in comm.describe()
+    assert "costs fitted P=2: bench" in comm.describe()
+    other_machine = {**other_p, "machine": {"cpus": 4096, "mpi": "Some MPI 9"}, "by_ranks": {"1": rules}}
+    comm = hpcdl.comm.create("auto", crossovers=other_machine)
+    assert comm.mode == "model" and "another kind of machine" in comm.describe()
+    assert "DEFAULT_COSTS" in comm.describe()  # another machine's costs are not used either
+
+
+def test_model_rules_follow_the_fitted_costs():
+    from hpcdl.perfmodel import Costs
+
+    cheap_latency = {"native": Costs(1e-7, 1e-9), "ring": Costs(1e-5, 1e-11),
+                     "rabenseifner": Costs(1e-5, 1e-10), "recursive_doubling": Costs(1e-5, 1e-9)}
+    rules = auto.model_rules(8, cheap_latency)
+    assert rules[0]["algorithm"] == "native" and rules[-1] == {"up_to_bytes": None, "algorithm": "ring"}
 
 
 def test_default_table_is_valid_and_used_without_a_file(monkeypatch):
