@@ -174,6 +174,10 @@ def _train(args) -> int:
     from hpcdl import launcher
     from hpcdl.threads import pin_threads
 
+    if config.runtime.device == "gpu":
+        from hpcdl.comm.gpu import select_device_before_mpi
+
+        select_device_before_mpi()  # the launcher's local rank picks the device before MPI_Init
     launcher.check()  # before anything else touches MPI: a world of 1 must not start training
     threads = pin_threads(config.runtime.threads or None, settle_with_mpi=True)
 

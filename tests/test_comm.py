@@ -148,6 +148,44 @@ def test_cuda_awareness_is_a_tri_state_with_an_override(monkeypatch):
     gpu.cuda_aware.cache_clear()
 
 
+def test_gpu_details_that_can_be_checked_without_a_device(monkeypatch):
+    from hpcdl import backend
+    from hpcdl.comm import gpu
+    from hpcdl.metrics import PhaseTimer
+
+    assert gpu.launcher_local_rank({"SLURM_LOCALID": "3"}) == 3 and gpu.launcher_local_rank({}) is None
+    assert gpu.select_device_before_mpi({}) is None  # no launcher: the choice waits for backend.use_device
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("HPCDL_DEVICE_NBC", value)
+        assert gpu.device_nonblocking_collectives() is expected
+    # the phase timer waits for the device before reading the clock, only on the GPU
+    synced = []
+    monkeypatch.setattr(backend, "synchronize", lambda *a: synced.append(1))
+    timer = PhaseTimer()
+    timer.switch("backward")
+    assert synced == []
+    monkeypatch.setattr(backend, "device", "gpu")
+    timer.switch("allreduce")
+    assert synced == [1]
+
+
+def test_pieces_come_from_the_cache_and_are_powers_of_two():
+    from hpcdl.comm import base
+
+    cache, where = base.cache_bytes()
+    assert cache > 0 and where
+    assert base.piece_bytes_for_cache(2 * 2**20) == 512 * 2**10
+    assert base.piece_bytes_for_cache(48 * 2**10) == base.MIN_PIECE_BYTES
+    assert base.piece_bytes_for_cache(10**9) == base.MAX_PIECE_BYTES
+    assert base.piece_bytes_for_cache(3 * 2**20) == 512 * 2**10
+    plan = base.Pieces(bytes=4096, depth=3)
+    assert plan.count(1025, 4) == 2 and plan.capacity(1025, 4) == 1024 and plan.scratch(1025, 4) == 3072
+    comm = hpcdl.comm.create("ring", piece_kb=8, pipeline_depth=1)
+    assert comm.pieces == base.Pieces(8192, 1) and "8 KiB (comm.piece_kb), 1 in flight" in comm.describe()
+    with pytest.raises(ConfigError, match="pipeline_depth"):
+        hpcdl.comm.create("ring", pipeline_depth=0)
+
+
 # -- the crossover table -----------------------------------------------------------------------
 
 def test_rules_switch_halfway_between_measured_sizes():

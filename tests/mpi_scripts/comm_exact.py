@@ -101,6 +101,18 @@ def main() -> int:
             if not np.array_equal(b, expected(p, b.size, np.float32, k, "sum")):
                 failures.append(f"{label} start(tag={k + 1}) n={b.size}: wrong sum on rank {rank}")
 
+        # Wire bytes: the ring and the sharded hierarchical move 2(p-1)/p·n each way per rank.
+        sharded = name == "hierarchical" and getattr(comm, "balanced", False)
+        if p > 1 and (name == "ring" or sharded):
+            cases += 1
+            buf = contribution(rank, 300007, np.float32, 0)
+            comm.traffic.reset()
+            comm.allreduce(buf)
+            optimal = 2 * (p - 1) / p * buf.nbytes
+            for what, count in comm.traffic.as_dict().items():
+                if abs(count / optimal - 1) > 0.05:
+                    failures.append(f"{label}: rank {rank} {what} {count} bytes, 2(p-1)/p·n = {optimal:.0f}")
+
         # Broadcast and object gather.
         cases += 1
         data = np.full(1003, float(rank + 5), dtype=np.float64)
