@@ -28,9 +28,9 @@ def ring_chunk(n: int, p: int, r: int) -> tuple[int, int]:
     return bounds[c], bounds[c + 1]
 
 
-def _piece_view(buf, p: int, plan: Pieces):
+def _piece_view(buf, p: int, plan: Pieces, pieces: int | None = None):
     bounds = chunk_bounds(buf.size, p)
-    pieces = plan.count(-(-buf.size // p), buf.itemsize)
+    pieces = pieces or plan.count(-(-buf.size // p), buf.itemsize)
     piece_bounds = [chunk_bounds(bounds[i + 1] - bounds[i], pieces) for i in range(p)]
 
     def piece(c: int, k: int):
@@ -44,11 +44,14 @@ def ring_allgather(comm, buf, tag: int, plan: Pieces = DEFAULT_PIECES) -> Schedu
     """Rank r owns the finished chunk r + 1 (see `ring_chunk`); afterwards every rank has all of them.
 
     Each piece is forwarded the moment it arrives, so the p - 1 steps overlap.
+    Nothing is added here, so pieces buy only that forwarding: with p = 2
+    there is none, and one message per chunk lets MPI copy it in one go
+    (7.5 vs 8.8 ms for 50 MiB on the development host).
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1:
         return
-    piece, pieces = _piece_view(buf, p, plan)
+    piece, pieces = _piece_view(buf, p, plan, 1 if p == 2 else None)
     right, left = (r + 1) % p, (r - 1) % p
     gather = [(s, k) for s in range(p - 1) for k in range(pieces)]
     recvs = [comm.Irecv(piece(r - s, k), left, tag) for s, k in gather]
