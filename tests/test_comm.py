@@ -73,7 +73,7 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     out, table = tmp_path / "bench.json", tmp_path / "crossovers.json"
     proc = mpiexec(2, sys.executable, "-m", "hpcdl.bench.allreduce", "--sizes", "4KiB,256KiB", "--repeats", "2",
                    "--algorithms", "native,ring,rabenseifner", "--bucketed", "ring", "--json", str(out),
-                   "--save-crossovers", str(table))
+                   "--save-crossovers", str(table), "--backward-ms", "20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2
@@ -89,6 +89,12 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     resnet = result["resnet50"]
     assert resnet["tensors"] == 161 and resnet["parameters"] == 25_557_032
     assert set(resnet["times"]) == {"per_tensor_native", "flat_native", "bucketed_ring"}
+    overlap = resnet["overlap"]
+    for kind in ("sleep", "compute"):
+        o = overlap[kind]
+        assert set(o) >= {"step_s", "backward_s", "allreduce_s", "hidden_fraction"}
+        assert 0.0 <= o["hidden_fraction"] <= 1.0 and o["backward_s"] > 0.015 and o["allreduce_s"] > 0
+        assert set(o["modes"]) == {"thread", "hooks", "hooks+2ms"}
     saved = auto.load_table(table)
     assert saved["by_ranks"]["2"] == result["crossover_rules"]
     chosen = hpcdl.comm.create("auto", crossovers=str(table))
