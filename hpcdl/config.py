@@ -105,6 +105,8 @@ class CommConfig:
     crossovers: str = _key("", "JSON crossover table for 'auto' from `hpcdl bench allreduce --save-crossovers`; empty = shipped default")
     ranks_per_node: int = _key(0, "hierarchical: ranks per node; 0 = detect from MPI shared-memory domains", min=0)
     bucket_mb: float = _key(25.0, "gradient bucket size in MiB", min=0.0, min_exclusive=True)
+    bucket_taper: bool = _key(True, "buckets near the first layers no larger than all the parameters before them "
+                                    "(>= 1 MiB), so the last ones to start can still hide behind backward")
     overlap: bool = _key(True, "start each bucket's allreduce during backward as soon as its gradients are complete")
     progress: str = _key("thread", "what advances buckets in flight: 'thread' (a communication thread, needs "
                          "MPI_THREAD_MULTIPLE) or 'hooks' (backward's gradient-ready hooks poll them)",

@@ -151,7 +151,8 @@ def _setup(config: Config, out_dir: Path) -> Run:
     reducer = comm.BucketReducer(world, arena, bucket_bytes=int(config.comm.bucket_mb * 2**20),
                                  overlap=config.comm.overlap, op="sum", progress=config.comm.progress,
                                  budget_s=config.comm.progress_budget_ms / 1e3,
-                                 poll_interval_s=config.comm.progress_interval_us / 1e6)
+                                 poll_interval_s=config.comm.progress_interval_us / 1e6,
+                                 taper=config.comm.bucket_taper)
     reducer.attach(model)
     optimizer = optim.create(config.optim.name, arena, **_optimizer_options(config))
     steps_per_epoch = sampler.steps_per_epoch

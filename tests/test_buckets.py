@@ -51,6 +51,22 @@ def test_buckets_tile_the_buffer_with_whole_segments_from_the_end(bucket_bytes):
             assert without_last * 4 < bucket_bytes
 
 
+def test_taper_halves_the_buckets_towards_the_first_layers():
+    from hpcdl.comm.buckets import TAPER_MIN_BYTES
+
+    mib = 2**20 // 4  # float32 elements per MiB
+    arena, _ = arena_of([mib // 4] * 8 + [mib] * 4 + [8 * mib] * 8)
+    plain = plan_buckets(arena.segments, arena.total, 4, 16 * 2**20)
+    tapered = plan_buckets(arena.segments, arena.total, 4, 16 * 2**20, taper=True)
+    for buckets in (plain, tapered):  # both tile the buffer with whole segments
+        assert buckets[0].end == arena.total and buckets[-1].start == 0
+        assert all(a.start == b.end for a, b in zip(buckets, buckets[1:]))
+    assert [b.size // mib for b in plain] == [16, 16, 16, 16, 6]
+    # 3 MiB = all before it; then halves, down to the 1 MiB floor, and the remainder
+    assert [b.size / mib for b in tapered] == [16, 16, 16, 16, 3, 1.5, 1, 0.5]
+    assert TAPER_MIN_BYTES == 2**20
+
+
 def test_one_bucket_when_everything_fits_and_none_for_an_empty_arena():
     arena, _ = arena_of([3, 4, 5])
     assert len(plan_buckets(arena.segments, arena.total, 4, 10**6)) == 1

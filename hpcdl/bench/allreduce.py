@@ -256,7 +256,7 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
 
 
 def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup, bucket_bytes, backward_ms,
-                  progress_modes=(("thread", 0.0), ("hooks", 0.0), ("hooks", 0.002))) -> dict:
+                  progress_modes=(("thread", 0.0), ("hooks", 0.0), ("hooks", 0.002)), taper: bool = True) -> dict:
     """Step time (simulated backward + finish) with overlap off and on, for two kinds of backward.
 
     "compute": busy matrix products, spread over the layers in proportion to
@@ -292,9 +292,10 @@ def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup
             if reducer is not None:
                 reducer.on_grads_ready(leaf)
 
-    off = BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=False)
+    off = BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=False, taper=taper)
     reducers = {f"{mode}" + (f"+{budget * 1e3:g}ms" if budget else ""):
-                BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=True, progress=mode, budget_s=budget)
+                BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=True, progress=mode, budget_s=budget,
+                              taper=taper)
                 for mode, budget in progress_modes}
 
     def step(reducer, backward):
@@ -306,7 +307,8 @@ def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup
         off.begin(True)
         off.finish()
 
-    result = {"algorithm": algorithm, "backward_target_ms": backward_ms}
+    result = {"algorithm": algorithm, "backward_target_ms": backward_ms, "taper": taper,
+              "bucket_mib": [round(b.size * arena.dtype.itemsize / 2**20, 3) for b in off.buckets]}
     try:
         for kind, backward in (("sleep", sleep_backward), ("compute", compute_backward)):
             variants = {"backward_only": backward, "allreduce_only": allreduce_only,

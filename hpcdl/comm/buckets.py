@@ -52,19 +52,30 @@ class Bucket:
         return self.end - self.start
 
 
-def plan_buckets(segments: Sequence[Segment], total: int, itemsize: int, bucket_bytes: int) -> list[Bucket]:
+TAPER_MIN_BYTES = 2**20
+
+
+def plan_buckets(segments: Sequence[Segment], total: int, itemsize: int, bucket_bytes: int,
+                 taper: bool = False) -> list[Bucket]:
     """Cut [0, total) into buckets of whole segments, walking from the end.
 
     A bucket closes once it holds at least `bucket_bytes`, so a segment larger
     than that gets a bucket of its own. Each segment's extent runs to the next
     segment's offset, so the alignment padding rides along (it is zero on
     every rank) and the buckets tile the buffer exactly.
+
+    `taper` also closes a bucket once it is as large as everything before it
+    (but at least 1 MiB): a bucket can only hide behind the backward of the
+    layers still to come, which are the ones before it, so near the first
+    layers the buckets shrink by halves instead of leaving one full-size
+    bucket to start moments before backward ends.
     """
     buckets, names, end = [], [], total
     for i in range(len(segments) - 1, -1, -1):
         names.append(segments[i].name)
         start = segments[i].offset if i else 0
-        if (end - start) * itemsize >= bucket_bytes or i == 0:
+        limit = min(bucket_bytes, max(TAPER_MIN_BYTES, start * itemsize)) if taper else bucket_bytes
+        if (end - start) * itemsize >= limit or i == 0:
             buckets.append(Bucket(len(buckets), start, end, tuple(names)))
             names, end = [], start
     return buckets
@@ -84,7 +95,7 @@ class BucketReducer:
     """
 
     def __init__(self, comm, arena: Arena, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True, op: str = "sum",
-                 progress: str = "hooks", budget_s: float = 0.0, poll_interval_s: float = 50e-6):
+                 progress: str = "hooks", budget_s: float = 0.0, poll_interval_s: float = 50e-6, taper: bool = False):
         if not bucket_bytes > 0:
             raise ConfigError(f"comm.bucket_mb: bucket size must be positive, got {bucket_bytes} bytes")
         if op not in OPS:
@@ -104,7 +115,7 @@ class BucketReducer:
                                   "use comm.progress = 'hooks'")
             self._thread = ProgressThread(poll_interval_s)
         self._events: list = []
-        self.buckets = plan_buckets(arena.segments, arena.total, arena.dtype.itemsize, int(bucket_bytes))
+        self.buckets = plan_buckets(arena.segments, arena.total, arena.dtype.itemsize, int(bucket_bytes), taper)
         self._bucket_of = {name: b.index for b in self.buckets for name in b.segments}
         self._views = [arena.grads[b.start:b.end] for b in self.buckets]
         self._tags = [1 + b.index % comm.tag_ub for b in self.buckets]
