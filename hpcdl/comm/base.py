@@ -8,7 +8,7 @@ serves two drivers:
 * `allreduce(buf)` waits on each yielded step (blocking collective);
 * `start(buf, tag=...)` returns a `Pending` that advances only when polled
   with `test()`, which lets the bucketed reducer keep several allreduces in
-  flight during backward without a progress thread.
+  flight during backward, polled from its hooks or by a communication thread.
 
 Everything else (argument checks, the size-1 and size-0 fast paths, staging
 of CuPy buffers through pinned host memory, the division for op="mean",
@@ -293,8 +293,9 @@ class Pending:
     `test()` never blocks: it advances through every step whose requests
     have completed and reports whether the whole reduction is done. `wait()`
     blocks until it is. Progress happens only inside these calls (and inside
-    MPI calls made by other Pendings), by design: no helper thread competes
-    with backward for the cores.
+    MPI calls made by other Pendings); who makes them, backward's hooks or a
+    communication thread, is the caller's choice (`hpcdl.comm.progress`).
+    Not thread-safe: one thread at a time may drive a Pending.
     """
 
     __slots__ = ("_steps", "_requests", "_on_done", "done")
