@@ -507,6 +507,8 @@ def _banner(r: Run, threads, resume_path) -> str:
         f"{config.train.accumulate_steps} accumulation; {r.steps_per_epoch} steps/epoch, {r.total_steps} steps",
         f"hpcdl: {config.optim.name}: {r.schedule.describe()}",
     ]
+    if world.size > 1:  # which algorithm, and for auto whether from measurements or the model
+        lines.append("hpcdl: " + world.describe().split("\n")[0] + "; " + r.reducer.describe())
     from hpcdl.threads import current as thread_plan
 
     plan = thread_plan()

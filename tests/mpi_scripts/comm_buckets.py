@@ -110,7 +110,7 @@ def completion_during_backward(world, failures) -> int:
     p, rank = world.Get_size(), world.Get_rank()
     cases = 0
     comm = hpcdl.comm.create("ring", piece_kb=1)  # many pieces per bucket: many steps to drive
-    Leaf.nap = 0.01
+    Leaf.nap = 0.03
     try:
         for progress, budget_s, expect_all in (("thread", 0.0, True), ("hooks", 0.02, True), ("hooks", 0.0, False)):
             model, leaves = build_model()
