@@ -108,9 +108,10 @@ class CommConfig:
     bucket_taper: bool = _key(True, "buckets near the first layers no larger than all the parameters before them "
                                     "(>= 1 MiB), so the last ones to start can still hide behind backward")
     overlap: bool = _key(True, "start each bucket's allreduce during backward as soon as its gradients are complete")
-    progress: str = _key("thread", "what advances buckets in flight: 'thread' (a communication thread, needs "
-                         "MPI_THREAD_MULTIPLE) or 'hooks' (backward's gradient-ready hooks poll them)",
-                         choices=("thread", "hooks"))
+    progress: str = _key("auto", "what advances buckets in flight: 'thread' (a communication thread, needs "
+                         "MPI_THREAD_MULTIPLE), 'hooks' (backward's gradient-ready hooks poll them), 'auto' = thread "
+                         "on the GPU, hooks on the CPU (where the thread competes with backward; docs/comm.md)",
+                         choices=("auto", "thread", "hooks"))
     progress_budget_ms: float = _key(0.0, "hooks: keep polling for up to this long in each hook call; 0 = one poll", min=0.0)
     progress_interval_us: float = _key(50.0, "thread: sleep between polls that find nothing finished (bounds its CPU share)", min=0.0)
     piece_kb: int = _key(0, "reduce piece size in KiB; 0 = a quarter of the L2 cache (smallest over ranks)", min=0)

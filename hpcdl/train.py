@@ -149,7 +149,7 @@ def _setup(config: Config, out_dir: Path) -> Run:
 
     # -- gradient path: buckets reduced during backward, then one fused optimizer pass -----------
     reducer = comm.BucketReducer(world, arena, bucket_bytes=int(config.comm.bucket_mb * 2**20),
-                                 overlap=config.comm.overlap, op="sum", progress=config.comm.progress,
+                                 overlap=config.comm.overlap, op="sum", progress=_progress(config),
                                  budget_s=config.comm.progress_budget_ms / 1e3,
                                  poll_interval_s=config.comm.progress_interval_us / 1e6,
                                  taper=config.comm.bucket_taper)
@@ -467,6 +467,13 @@ def _local_rank(world) -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return world.rank
+
+
+def _progress(config: Config) -> str:
+    """comm.progress = auto: a thread where backward leaves the core free (GPU), the hooks on the CPU."""
+    if config.comm.progress != "auto":
+        return config.comm.progress
+    return "thread" if config.runtime.device == "gpu" else "hooks"
 
 
 def _version() -> str:
