@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args.what, args.args)
         if args.command == "scaling":
+            from hpcdl import launcher
             from hpcdl.threads import pin_threads
 
+            launcher.check()
             pin_threads(settle_with_mpi=True)  # it times compute: BLAS must not oversubscribe the node
             from hpcdl.scaling import main as scaling_main
 
@@ -161,6 +163,8 @@ def _report_user_error(exc: UserError) -> int:
     from hpcdl import guard
 
     rank, size = guard.world_position()
+    if getattr(exc, "quiet", False):  # another process prints the same line
+        return exc.exit_code
     if getattr(exc, "collective", False) or size == 1:
         if rank == 0:
             print(f"hpcdl: error: {exc}", file=sys.stderr, flush=True)
@@ -190,8 +194,14 @@ def _train(args) -> int:
         exc.collective = True  # every rank reads the same file before MPI starts: rank 0 speaks for all
         raise
 
+    from hpcdl import launcher
     from hpcdl.threads import pin_threads
 
+    if config.runtime.device == "gpu":
+        from hpcdl.comm.gpu import select_device_before_mpi
+
+        select_device_before_mpi()  # the launcher's local rank picks the device before MPI_Init
+    launcher.check()  # before anything else touches MPI: a world of 1 must not start training
     threads = pin_threads(config.runtime.threads or None, settle_with_mpi=True)
 
     from hpcdl import train
@@ -205,7 +215,10 @@ def _train(args) -> int:
 
 
 def _bench(what: str, argv: list[str]) -> int:
+    from hpcdl import launcher
     from hpcdl.threads import pin_threads
+
+    launcher.check()
 
     # Pinned before NumPy loads, so BLAS honours it. `bench optimizer` takes a
     # list (--threads 1,2,4): Numba's pool must hold the largest.

@@ -105,7 +105,17 @@ class CommConfig:
     crossovers: str = _key("", "JSON crossover table for 'auto' from `hpcdl bench allreduce --save-crossovers`; empty = shipped default")
     ranks_per_node: int = _key(0, "hierarchical: ranks per node; 0 = detect from MPI shared-memory domains", min=0)
     bucket_mb: float = _key(25.0, "gradient bucket size in MiB", min=0.0, min_exclusive=True)
+    bucket_taper: bool = _key(True, "buckets near the first layers no larger than all the parameters before them "
+                                    "(>= 1 MiB), so the last ones to start can still hide behind backward")
     overlap: bool = _key(True, "start each bucket's allreduce during backward as soon as its gradients are complete")
+    progress: str = _key("auto", "what advances buckets in flight: 'thread' (a communication thread, needs "
+                         "MPI_THREAD_MULTIPLE), 'hooks' (backward's gradient-ready hooks poll them), 'auto' = thread "
+                         "on the GPU, hooks on the CPU (where the thread competes with backward; docs/comm.md)",
+                         choices=("auto", "thread", "hooks"))
+    progress_budget_ms: float = _key(0.0, "hooks: keep polling for up to this long in each hook call; 0 = one poll", min=0.0)
+    progress_interval_us: float = _key(50.0, "thread: sleep between polls that find nothing finished (bounds its CPU share)", min=0.0)
+    piece_kb: int = _key(0, "reduce piece size in KiB; 0 = a quarter of the L2 cache (smallest over ranks)", min=0)
+    pipeline_depth: int = _key(2, "reduce pieces in flight per step; 1 = not pipelined", min=1)
     sync_batchnorm: bool = _key(False, "batch-norm statistics over the global batch (allreduce of the sums)")
     stall_timeout_s: float = _key(60.0, "report ranks that have not arrived after waiting this long in a collective; 0 = off", min=0.0)
 

@@ -67,8 +67,12 @@ def collect() -> dict:
         aware = cuda_aware()
         info["mpi_cuda_aware"] = {True: "yes", False: "no (CuPy buffers staged through pinned host memory)",
                                   None: "unknown (library does not say; CuPy buffers staged through host)"}[aware]
+        from hpcdl import launcher
         from hpcdl.comm import create
 
+        info["launcher"] = launcher.describe()
+        ring = create("ring")
+        info["allreduce_pieces"] = ring.describe().split(", ", 1)[1]
         info["allreduce_auto"] = create("auto").describe()
     except ImportError:
         info["mpi4py"] = "not installed"

@@ -22,6 +22,12 @@ class PhaseTimer:
         self._since = 0.0
 
     def switch(self, phase: str | None) -> None:
+        # Device kernels run asynchronously: without a sync, backward's kernels would be
+        # booked to whatever phase the host reaches next (typically the allreduce).
+        from hpcdl import backend
+
+        if backend.device == "gpu":
+            backend.synchronize()
         now = time.perf_counter()
         if self._phase is not None:
             self.totals[self._phase] += now - self._since

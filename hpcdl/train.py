@@ -79,6 +79,7 @@ class Run:
         return self.world.rank
 
     def close(self) -> None:
+        self.reducer.close()
         self.loader.close()
         self.data.close()
         if self.watchdog is not None:
@@ -101,7 +102,8 @@ def run(config: Config, out: str | None = None, resume: str | None = None,
 def _setup(config: Config, out_dir: Path) -> Run:
     # -- world: communicator, device, guards ----------------------------------------------
     world = comm.create(config.comm.algorithm, crossovers=config.comm.crossovers or None,
-                        ranks_per_node=config.comm.ranks_per_node or None)
+                        ranks_per_node=config.comm.ranks_per_node or None, piece_kb=config.comm.piece_kb or None,
+                        pipeline_depth=config.comm.pipeline_depth)
     xp = backend.use_device(config.runtime.device, local_rank=_local_rank(world))
     watchdog = guard.StallWatchdog(world.mpi_comm, timeout_s=config.comm.stall_timeout_s) \
         if world.size > 1 and config.comm.stall_timeout_s > 0 else None
@@ -150,7 +152,10 @@ def _setup(config: Config, out_dir: Path) -> Run:
 
     # -- gradient path: buckets reduced during backward, then one fused optimizer pass -----------
     reducer = comm.BucketReducer(world, arena, bucket_bytes=int(config.comm.bucket_mb * 2**20),
-                                 overlap=config.comm.overlap, op="sum")
+                                 overlap=config.comm.overlap, op="sum", progress=_progress(config),
+                                 budget_s=config.comm.progress_budget_ms / 1e3,
+                                 poll_interval_s=config.comm.progress_interval_us / 1e6,
+                                 taper=config.comm.bucket_taper)
     reducer.attach(model)
     optimizer = optim.create(config.optim.name, arena, **_optimizer_options(config))
     steps_per_epoch = sampler.steps_per_epoch
@@ -533,6 +538,13 @@ def _local_rank(world) -> int:
     return world.rank
 
 
+def _progress(config: Config) -> str:
+    """comm.progress = auto: a thread where backward leaves the core free (GPU), the hooks on the CPU."""
+    if config.comm.progress != "auto":
+        return config.comm.progress
+    return "thread" if config.runtime.device == "gpu" else "hooks"
+
+
 def _version() -> str:
     from hpcdl import __version__
 
@@ -572,6 +584,8 @@ def _banner(r: Run, threads, resume_path) -> str:
         f"{config.train.accumulate_steps} accumulation; {r.steps_per_epoch} steps/epoch, {r.total_steps} steps",
         f"hpcdl: {config.optim.name}: {r.schedule.describe()}",
     ]
+    if world.size > 1:  # which algorithm, and for auto whether from measurements or the model
+        lines.append("hpcdl: " + world.describe().split("\n")[0] + "; " + r.reducer.describe())
     from hpcdl.threads import current as thread_plan
 
     plan = thread_plan()

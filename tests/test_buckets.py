@@ -51,6 +51,22 @@ def test_buckets_tile_the_buffer_with_whole_segments_from_the_end(bucket_bytes):
             assert without_last * 4 < bucket_bytes
 
 
+def test_taper_halves_the_buckets_towards_the_first_layers():
+    from hpcdl.comm.buckets import TAPER_MIN_BYTES
+
+    mib = 2**20 // 4  # float32 elements per MiB
+    arena, _ = arena_of([mib // 4] * 8 + [mib] * 4 + [8 * mib] * 8)
+    plain = plan_buckets(arena.segments, arena.total, 4, 16 * 2**20)
+    tapered = plan_buckets(arena.segments, arena.total, 4, 16 * 2**20, taper=True)
+    for buckets in (plain, tapered):  # both tile the buffer with whole segments
+        assert buckets[0].end == arena.total and buckets[-1].start == 0
+        assert all(a.start == b.end for a, b in zip(buckets, buckets[1:]))
+    assert [b.size // mib for b in plain] == [16, 16, 16, 16, 6]
+    # 3 MiB = all before it; then halves, down to the 1 MiB floor, and the remainder
+    assert [b.size / mib for b in tapered] == [16, 16, 16, 16, 3, 1.5, 1, 0.5]
+    assert TAPER_MIN_BYTES == 2**20
+
+
 def test_one_bucket_when_everything_fits_and_none_for_an_empty_arena():
     arena, _ = arena_of([3, 4, 5])
     assert len(plan_buckets(arena.segments, arena.total, 4, 10**6)) == 1
@@ -77,15 +93,57 @@ def test_reducer_validates_and_is_a_no_op_on_one_rank():
     np.testing.assert_array_equal(arena.grads, before)
     assert stats["buckets"] == len(reducer.buckets) == 3
     assert stats["bytes"] == arena.total * 4
-    assert set(stats) >= {"algorithm", "bytes", "buckets", "wait_s", "hook_s", "started_in_backward"}
+    assert set(stats) >= {"algorithm", "bytes", "buckets", "wait_s", "hook_s", "started_in_backward",
+                          "completed_in_backward", "progress"}
     assert "3 bucket(s)" in reducer.describe()
+    reducer.close()
+    with pytest.raises(ConfigError, match="comm.progress"):
+        BucketReducer(comm, arena, progress="interrupts")
+
+
+def test_progress_thread_completes_what_it_is_given_and_joins():
+    from hpcdl.comm.progress import ProgressThread
+
+    class Countdown:  # stands in for a Pending: done after a few polls
+        def __init__(self, polls):
+            self.left, self.done = polls, False
+
+        def test(self):
+            self.left -= 1
+            self.done = self.left <= 0
+            return self.done
+
+    thread = ProgressThread(interval_s=1e-4)
+    items = [Countdown(n) for n in (1, 5, 50)]
+    events = [thread.submit(item) for item in items]
+    for event in events:
+        thread.wait(event)
+    assert all(item.done for item in items) and thread.polls >= 50
+    thread.close()
+    assert not thread.alive
+    with pytest.raises(RuntimeError, match="after close"):
+        thread.submit(Countdown(1))
+
+    class Broken:
+        done = False
+
+        def test(self):
+            raise OSError("MPI_ERR_PROC_FAILED")
+
+    thread = ProgressThread()
+    event = thread.submit(Broken())
+    with pytest.raises(RuntimeError, match="MPI_ERR_PROC_FAILED"):
+        thread.wait(event)
+    thread.close()
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_bucketed_reduction_equals_numpy_sum_over_ranks_and_micro_batches(ranks):
-    """Every algorithm; overlap on/off; hook-driven and finish-only; accumulation; sum/mean; two steps."""
-    proc = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, str(ROOT / "tests/mpi_scripts/comm_buckets.py")],
+@pytest.mark.parametrize("ranks, progress", [(2, "hooks"), (3, "thread"), (5, "thread")])
+def test_bucketed_reduction_equals_numpy_sum_over_ranks_and_micro_batches(ranks, progress):
+    """Every algorithm; overlap on/off; hook-driven and finish-only; accumulation; sum/mean; two steps;
+    buckets *completed* (not only started) during a backward that sleeps, by thread and by hook budget."""
+    proc = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, str(ROOT / "tests/mpi_scripts/comm_buckets.py"),
+                           "--progress", progress],
                           capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

@@ -32,9 +32,14 @@ def last_json_line(stdout: str) -> dict:
 # -- real ranks --------------------------------------------------------------------------------
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks, extra", [(2, []), (3, ["--ranks-per-node", "2"])], ids=["p2-one-node", "p3-two-fake-nodes"])
+@pytest.mark.parametrize("ranks, extra", [
+    (2, []),
+    (3, ["--ranks-per-node", "2", "--piece-kb", "4", "--pipeline-depth", "3"]),
+], ids=["p2-one-node", "p3-two-fake-nodes-4KiB-pieces"])
 def test_every_algorithm_is_exact_and_identical_on_all_ranks(ranks, extra):
-    """Sizes 0, 1, p-1, 1001, 2^20+3; float32/64; sum/mean; twice; non-blocking; bcast; allgather_obj."""
+    """Sizes 0, 1, p-1, p+1, 1001, 300007, 2^20+3; float32/64; sum/mean; twice; non-blocking; bcast; allgather_obj.
+
+    Tiny pieces at p = 3 put hundreds of pieces in every step, three in flight."""
     proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = last_json_line(proc.stdout)
@@ -44,16 +49,39 @@ def test_every_algorithm_is_exact_and_identical_on_all_ranks(ranks, extra):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks, extra", [
+    (4, []),
+    (5, ["--piece-kb", "64", "--pipeline-depth", "1"]),
+    (6, ["--piece-kb", "16"]),
+    (7, ["--pipeline-depth", "4"]),
+    (8, []),
+], ids=["p4", "p5-unpipelined", "p6-16KiB-pieces", "p7-depth4", "p8"])
+def test_every_algorithm_is_exact_and_identical_at_four_to_eight_ranks(ranks, extra):
+    """Oversubscribed on purpose: recursive halving with several levels (p >= 4), folds with a
+    remainder of 1..3 (p = 5, 6, 7), sharded hierarchical on 2 and 3 fake nodes, the unequal-node
+    fallback (p = 5, 7); one launch per world size."""
+    proc = mpiexec(ranks, sys.executable, str(SCRIPTS / "comm_exact.py"), "--quick", *extra, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = last_json_line(proc.stdout)
+    assert report["world"] == ranks
+    assert report["failures"] == []
+    assert report["cases"] > 300
+
+
+@pytest.mark.mpi
 def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     out, table = tmp_path / "bench.json", tmp_path / "crossovers.json"
     proc = mpiexec(2, sys.executable, "-m", "hpcdl.bench.allreduce", "--sizes", "4KiB,256KiB", "--repeats", "2",
                    "--algorithms", "native,ring,rabenseifner", "--bucketed", "ring", "--json", str(out),
-                   "--save-crossovers", str(table))
+                   "--save-crossovers", str(table), "--backward-ms", "20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2
     rows = {(r["algorithm"], r["bytes"]): r for r in result["sweep"]}
-    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner") for n in (4096, 262144)}
+    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner", "memcpy") for n in (4096, 262144)}
+    # the counted wire bytes of hpcdl's own algorithms: 2(p-1)/p·n = n at p = 2
+    assert rows[("ring", 262144)]["traffic_vs_optimal"] == pytest.approx(1.0, rel=0.01)
+    assert rows[("memcpy", 262144)]["vs_memcpy"] == 1.0
     for r in rows.values():
         assert r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2(p-1)/p = 1 at p = 2
@@ -61,11 +89,22 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     resnet = result["resnet50"]
     assert resnet["tensors"] == 161 and resnet["parameters"] == 25_557_032
     assert set(resnet["times"]) == {"per_tensor_native", "flat_native", "bucketed_ring"}
+    overlap = resnet["overlap"]
+    for kind in ("sleep", "compute"):
+        o = overlap[kind]
+        assert set(o) >= {"step_s", "backward_s", "allreduce_s", "hidden_fraction"}
+        assert 0.0 <= o["hidden_fraction"] <= 1.0 and o["backward_s"] > 0.015 and o["allreduce_s"] > 0
+        assert set(o["modes"]) == {"thread", "hooks", "hooks+2ms"}
     saved = auto.load_table(table)
     assert saved["by_ranks"]["2"] == result["crossover_rules"]
     chosen = hpcdl.comm.create("auto", crossovers=str(table))
     p_used, rules = auto.rules_for(saved, 2)
     assert p_used == 2 and chosen.table["by_ranks"]["2"] == rules
+    assert saved["machine"] == auto.machine_fingerprint() and set(saved["costs"]) >= {"ring", "native"}
+    # at the P it was measured, on this machine, auto follows the measured rules and says so
+    proc = mpiexec(2, sys.executable, "-c", "import hpcdl.comm as c, sys; a = c.create('auto', crossovers=sys.argv[1]);"
+                   " print(a.mode, a.table_ranks) if a.rank == 0 else None", str(table))
+    assert proc.returncode == 0 and proc.stdout.split() == ["measured", "2"], proc.stdout + proc.stderr
 
 
 # -- one rank, in process ----------------------------------------------------------------------
@@ -115,6 +154,44 @@ def test_cuda_awareness_is_a_tri_state_with_an_override(monkeypatch):
     gpu.cuda_aware.cache_clear()
 
 
+def test_gpu_details_that_can_be_checked_without_a_device(monkeypatch):
+    from hpcdl import backend
+    from hpcdl.comm import gpu
+    from hpcdl.metrics import PhaseTimer
+
+    assert gpu.launcher_local_rank({"SLURM_LOCALID": "3"}) == 3 and gpu.launcher_local_rank({}) is None
+    assert gpu.select_device_before_mpi({}) is None  # no launcher: the choice waits for backend.use_device
+    for value, expected in (("1", True), ("0", False)):
+        monkeypatch.setenv("HPCDL_DEVICE_NBC", value)
+        assert gpu.device_nonblocking_collectives() is expected
+    # the phase timer waits for the device before reading the clock, only on the GPU
+    synced = []
+    monkeypatch.setattr(backend, "synchronize", lambda *a: synced.append(1))
+    timer = PhaseTimer()
+    timer.switch("backward")
+    assert synced == []
+    monkeypatch.setattr(backend, "device", "gpu")
+    timer.switch("allreduce")
+    assert synced == [1]
+
+
+def test_pieces_come_from_the_cache_and_are_powers_of_two():
+    from hpcdl.comm import base
+
+    cache, where = base.cache_bytes()
+    assert cache > 0 and where
+    assert base.piece_bytes_for_cache(2 * 2**20) == 512 * 2**10
+    assert base.piece_bytes_for_cache(48 * 2**10) == base.MIN_PIECE_BYTES
+    assert base.piece_bytes_for_cache(10**9) == base.MAX_PIECE_BYTES
+    assert base.piece_bytes_for_cache(3 * 2**20) == 512 * 2**10
+    plan = base.Pieces(bytes=4096, depth=3)
+    assert plan.count(1025, 4) == 2 and plan.capacity(1025, 4) == 1024 and plan.scratch(1025, 4) == 3072
+    comm = hpcdl.comm.create("ring", piece_kb=8, pipeline_depth=1)
+    assert comm.pieces == base.Pieces(8192, 1) and "8 KiB (comm.piece_kb), 1 in flight" in comm.describe()
+    with pytest.raises(ConfigError, match="pipeline_depth"):
+        hpcdl.comm.create("ring", pipeline_depth=0)
+
+
 # -- the crossover table -----------------------------------------------------------------------
 
 def test_rules_switch_halfway_between_measured_sizes():
@@ -136,15 +213,42 @@ def test_rules_switch_halfway_between_measured_sizes():
 
 
 def test_auto_dispatches_by_size_and_describes_its_table():
-    table = {"format": auto.FORMAT, "source": "test", "by_ranks": {
+    table = {"format": auto.FORMAT, "source": "test", "machine": auto.machine_fingerprint(), "by_ranks": {
         "1": [{"up_to_bytes": 1000, "algorithm": "recursive_doubling"}, {"up_to_bytes": None, "algorithm": "ring"}],
         "8": [{"up_to_bytes": None, "algorithm": "native"}]}}
     comm = hpcdl.comm.create("auto", crossovers=table)
+    assert comm.mode == "measured"
     assert comm.choose(8) == "recursive_doubling" and comm.choose(1000) == "recursive_doubling"
     assert comm.choose(1001) == "ring"
     text = comm.describe()
-    assert "measured at P=1" in text and "recursive_doubling" in text and "> 1000 B" in text
-    assert auto.rules_for(table, 5)[0] == 1 and auto.rules_for(table, 64)[0] == 8
+    assert "measured at P=1 on this kind of machine" in text and "recursive_doubling" in text and "> 1000 B" in text
+    assert auto.rules_for(table, 1)[0] == 1 and auto.rules_for(table, 5) is None
+
+
+def test_a_table_from_another_world_size_or_machine_is_never_applied_silently():
+    rules = [{"up_to_bytes": None, "algorithm": "native"}]
+    costs = {name: {"alpha": 1e-6, "beta": 1e-10, "gamma": 0.0} for name in ("ring", "native", "rabenseifner",
+                                                                              "recursive_doubling")}
+    costs["native"]["beta"] = 1e-9  # native much slower per byte: the model must not pick it for big messages
+    other_p = {"format": auto.FORMAT, "source": "bench at P=2", "machine": auto.machine_fingerprint(),
+               "by_ranks": {"2": rules}, "costs": costs, "costs_from": "P=2: bench"}
+    comm = hpcdl.comm.create("auto", crossovers=other_p)  # this process is a world of 1
+    assert comm.mode == "model" and comm.table_ranks is None
+    assert "no crossovers measured at P=1 (the table has P=2)" in comm.describe()
+    assert "costs fitted P=2: bench" in comm.describe()
+    other_machine = {**other_p, "machine": {"cpus": 4096, "mpi": "Some MPI 9"}, "by_ranks": {"1": rules}}
+    comm = hpcdl.comm.create("auto", crossovers=other_machine)
+    assert comm.mode == "model" and "another kind of machine" in comm.describe()
+    assert "DEFAULT_COSTS" in comm.describe()  # another machine's costs are not used either
+
+
+def test_model_rules_follow_the_fitted_costs():
+    from hpcdl.perfmodel import Costs
+
+    cheap_latency = {"native": Costs(1e-7, 1e-9), "ring": Costs(1e-5, 1e-11),
+                     "rabenseifner": Costs(1e-5, 1e-10), "recursive_doubling": Costs(1e-5, 1e-9)}
+    rules = auto.model_rules(8, cheap_latency)
+    assert rules[0]["algorithm"] == "native" and rules[-1] == {"up_to_bytes": None, "algorithm": "ring"}
 
 
 def test_default_table_is_valid_and_used_without_a_file(monkeypatch):

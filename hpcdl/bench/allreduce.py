@@ -127,10 +127,15 @@ class _Timer:
         return samples
 
 
-def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, warmup: int) -> list[dict]:
+MEMCPY = "memcpy"  # not an allreduce: a copy of the buffer on every rank at once, the yardstick
+
+
+def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, warmup: int,
+          memcpy: bool = True) -> list[dict]:
     p = timer.comm.Get_size()
     itemsize = np.dtype(dtype).itemsize
     buf = np.ones(max(sizes) // itemsize + 1, dtype=dtype)
+    copy = np.ones_like(buf) if memcpy else None
     # First calls pay for connection set-up and page faults; keep that out of the smallest size.
     for comm in comms.values():
         for _ in range(5):
@@ -139,10 +144,12 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
     for nbytes in sizes:
         n = nbytes // itemsize
         view = buf[:n]
+        variants = {name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()}
+        if memcpy:
+            variants[MEMCPY] = lambda: np.copyto(copy[:n], view)
         # view.fill(1) keeps values bounded, outside the timed region
-        samples = timer.interleaved({name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()},
-                                    repeats, warmup, before=lambda: view.fill(1))
-        for name in comms:
+        samples = timer.interleaved(variants, repeats, warmup, before=lambda: view.fill(1))
+        for name in variants:
             row = {"algorithm": name, "bytes": n * itemsize, **_summary(samples[name])}
             row["algbw_GBps"] = row["bytes"] / row["median_s"] / 1e9 if row["median_s"] > 0 else 0.0
             row["busbw_GBps"] = row["algbw_GBps"] * 2 * (p - 1) / p
@@ -152,6 +159,26 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
             for r in rows:
                 if r["bytes"] == n * itemsize:
                     r["vs_native"] = r["median_s"] / base if base > 0 else float("nan")
+        # Bytes each rank put on (and took off) the wire in one more call, against the
+        # bandwidth-optimal 2(p-1)/p·n; MPI's own allreduce is not counted.
+        for name, comm in comms.items():
+            traffic = getattr(comm, "traffic", None)
+            if traffic is None or name == "native" or name == "auto" or p == 1:
+                continue
+            view.fill(1)
+            traffic.reset()
+            comm.allreduce(view)
+            per_rank = timer.comm.allgather((traffic.sent, traffic.received))
+            optimal = 2 * (p - 1) / p * n * itemsize
+            row = next(r for r in rows if r["bytes"] == n * itemsize and r["algorithm"] == name)
+            row["sent_bytes_by_rank"] = [s for s, _ in per_rank]
+            row["received_bytes_by_rank"] = [r for _, r in per_rank]
+            row["traffic_vs_optimal"] = max(max(a, b) for a, b in per_rank) / optimal if optimal else 0.0
+        if memcpy:
+            base = next(r["median_s"] for r in rows if r["bytes"] == n * itemsize and r["algorithm"] == MEMCPY)
+            for r in rows:
+                if r["bytes"] == n * itemsize:
+                    r["vs_memcpy"] = r["median_s"] / base if base > 0 else float("nan")
     return rows
 
 
@@ -181,7 +208,7 @@ def local_add_cost(timer: _Timer, dtype, nbytes: int = 16 * 2**20, repeats: int 
 
 
 def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int, bucket_bytes: int,
-                   bucketed_algorithms: list[str], backward_ms: float) -> dict:
+                   bucketed_algorithms: list[str], backward_ms: float, overlap_bucket_bytes: int | None = None) -> dict:
     from mpi4py import MPI
 
     from hpcdl.comm.buckets import BucketReducer
@@ -223,12 +250,23 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     result["vs_per_tensor_native"] = {k: v["median_s"] / base for k, v in result["times"].items()}
     if backward_ms > 0 and bucketed_algorithms:
         result["overlap"] = overlap_study(comm_factory(bucketed_algorithms[0]), bucketed_algorithms[0], arena, params,
-                                          timer, repeats, warmup, bucket_bytes, backward_ms)
+                                          timer, repeats, warmup, overlap_bucket_bytes or bucket_bytes, backward_ms)
+        result["overlap"]["bucket_bytes"] = overlap_bucket_bytes or bucket_bytes
     return result
 
 
-def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup, bucket_bytes, backward_ms) -> dict:
-    """Step time (simulated backward + finish) with overlap off and on, and backward alone."""
+def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup, bucket_bytes, backward_ms,
+                  progress_modes=(("thread", 0.0), ("hooks", 0.0), ("hooks", 0.002)), taper: bool = True) -> dict:
+    """Step time (simulated backward + finish) with overlap off and on, for two kinds of backward.
+
+    "compute": busy matrix products, spread over the layers in proportion to
+    their parameter counts: the backward holds the core, as a CPU backward does.
+    "sleep": the same time slept: the core is free, as while a GPU computes or a
+    NIC's DMA engine moves the data. Each kind reports `backward_s` (alone),
+    `allreduce_s` (the bucketed reduction alone), `step_s` (backward with
+    overlap, plus finish) and `hidden_fraction` = (backward + allreduce - step)
+    / allreduce, for the first progress mode and, under `modes`, for each.
+    """
     from hpcdl.comm.buckets import BucketReducer
 
     work, per_call = _busy_work()
@@ -240,38 +278,74 @@ def overlap_study(comm, algorithm, arena, params, timer: _Timer, repeats, warmup
     order = list(leaves.values())[::-1]
     weights = np.array([sum(p.size for p in leaf) for leaf in order], dtype=float)
     calls = np.maximum(1, np.round(weights / weights.sum() * total_calls)).astype(int)
+    naps = weights / weights.sum() * backward_ms / 1e3
 
-    def backward(reducer=None):
+    def compute_backward(reducer=None):
         for leaf, n_calls in zip(order, calls):
             work(int(n_calls))
             if reducer is not None:
                 reducer.on_grads_ready(leaf)
 
-    reducers = {flag: BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=flag) for flag in (False, True)}
+    def sleep_backward(reducer=None):
+        for leaf, nap in zip(order, naps):
+            time.sleep(nap)
+            if reducer is not None:
+                reducer.on_grads_ready(leaf)
 
-    def step(reducer):
+    off = BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=False, taper=taper)
+    reducers = {f"{mode}" + (f"+{budget * 1e3:g}ms" if budget else ""):
+                BucketReducer(comm, arena, bucket_bytes=bucket_bytes, overlap=True, progress=mode, budget_s=budget,
+                              taper=taper)
+                for mode, budget in progress_modes}
+
+    def step(reducer, backward):
         reducer.begin(True)
         backward(reducer)
-        reducer.finish()
+        return reducer.finish()
 
-    variants = {"backward_only": backward, "overlap_off": lambda: step(reducers[False]),
-                "overlap_on": lambda: step(reducers[True])}
-    samples = timer.interleaved(variants, repeats, warmup, before=lambda: arena.grads.fill(1))
-    stats = {"overlap_off": dict(reducers[False].stats), "overlap_on": dict(reducers[True].stats)}
-    times = {k: _summary(v) for k, v in samples.items()}
-    off, on = times["overlap_off"]["median_s"], times["overlap_on"]["median_s"]
-    return {"algorithm": algorithm, "backward_target_ms": backward_ms, "times": times,
-            "last_step_stats": stats, "overlap_saves_s": off - on, "overlap_on_vs_off": on / off}
+    def allreduce_only():
+        off.begin(True)
+        off.finish()
+
+    result = {"algorithm": algorithm, "backward_target_ms": backward_ms, "taper": taper,
+              "bucket_mib": [round(b.size * arena.dtype.itemsize / 2**20, 3) for b in off.buckets]}
+    try:
+        for kind, backward in (("sleep", sleep_backward), ("compute", compute_backward)):
+            variants = {"backward_only": backward, "allreduce_only": allreduce_only,
+                        "overlap_off": lambda b=backward: step(off, b)}
+            variants.update({f"overlap_{key}": (lambda r=r, b=backward: step(r, b)) for key, r in reducers.items()})
+            samples = timer.interleaved(variants, repeats, warmup, before=lambda: arena.grads.fill(1))
+            times = {k: _summary(v) for k, v in samples.items()}
+            backward_s, allreduce_s = times["backward_only"]["median_s"], times["allreduce_only"]["median_s"]
+            modes = {}
+            for key, r in reducers.items():
+                step_s = times[f"overlap_{key}"]["median_s"]
+                hidden = (backward_s + allreduce_s - step_s) / allreduce_s if allreduce_s > 0 else 0.0
+                last = step(r, backward)  # one more step for its stats (not timed)
+                modes[key] = {"step_s": step_s, "hidden_fraction": max(0.0, min(1.0, hidden)),
+                              "step_vs_max": step_s / max(backward_s, allreduce_s),
+                              "completed_in_backward": last["completed_in_backward"], "buckets": last["buckets"]}
+            first = next(iter(modes))
+            result[kind] = {"backward_s": backward_s, "allreduce_s": allreduce_s,
+                            "step_s": modes[first]["step_s"], "hidden_fraction": modes[first]["hidden_fraction"],
+                            "progress": first, "overlap_off_step_s": times["overlap_off"]["median_s"],
+                            "modes": modes, "times": times}
+    finally:
+        for r in reducers.values():
+            r.close()
+    return result
 
 
 def _print_table(world: int, rows: list[dict], resnet: dict | None, dtype_name: str) -> None:
     print(f"allreduce sweep: {world} ranks, {dtype_name}; median of the slowest rank, [min, max]")
-    print(f"{'bytes':>12} {'algorithm':>19} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'algbw GB/s':>10} {'busbw GB/s':>10} {'vs native':>9}")
+    print(f"{'bytes':>12} {'algorithm':>24} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'algbw GB/s':>10} "
+          f"{'busbw GB/s':>10} {'vs native':>9} {'vs memcpy':>9}")
     for r in rows:
-        vs = r.get("vs_native")
-        print(f"{r['bytes']:>12} {r['algorithm']:>19} {r['median_s'] * 1e3:>10.3f} {r['min_s'] * 1e3:>9.3f} "
+        vs, vm = r.get("vs_native"), r.get("vs_memcpy")
+        print(f"{r['bytes']:>12} {r['algorithm']:>24} {r['median_s'] * 1e3:>10.3f} {r['min_s'] * 1e3:>9.3f} "
               f"{r['max_s'] * 1e3:>9.3f} {r['algbw_GBps']:>10.2f} {r['busbw_GBps']:>10.2f} "
-              f"{'' if vs is None else f'{vs:.2f}x':>9}")
+              f"{'' if vs is None else f'{vs:.2f}x':>9} {'' if vm is None else f'{vm:.2f}x':>9}"
+              + (f"  wire {r['traffic_vs_optimal']:.3f}x of 2(p-1)/p·n" if "traffic_vs_optimal" in r else ""))
     if resnet:
         print(f"\nResNet-50 gradients: {resnet['tensors']} tensors, {resnet['parameters']:,} parameters, "
               f"{resnet['bytes'] / 1e6:.1f} MB, buckets of {resnet['bucket_bytes'] / 2**20:g} MiB {resnet['buckets']}")
@@ -280,10 +354,15 @@ def _print_table(world: int, rows: list[dict], resnet: dict | None, dtype_name: 
                   f"  {resnet['vs_per_tensor_native'][key]:.2f}x per-tensor native")
         ov = resnet.get("overlap")
         if ov:
-            print(f"\nOverlap ({ov['algorithm']}, simulated backward of ~{ov['backward_target_ms']:g} ms):")
-            for key, t in ov["times"].items():
-                print(f"{key:>28} {t['median_s'] * 1e3:>10.2f} ms  [{t['min_s'] * 1e3:.2f}, {t['max_s'] * 1e3:.2f}]")
-            print(f"{'overlap saves':>28} {ov['overlap_saves_s'] * 1e3:>10.2f} ms  (on/off = {ov['overlap_on_vs_off']:.3f})")
+            for kind in ("sleep", "compute"):
+                o = ov[kind]
+                print(f"\nOverlap, {kind} backward ({ov['algorithm']}, ~{ov['backward_target_ms']:g} ms): backward alone "
+                      f"{o['backward_s'] * 1e3:.1f} ms, allreduce alone {o['allreduce_s'] * 1e3:.1f} ms, "
+                      f"overlap off {o['overlap_off_step_s'] * 1e3:.1f} ms")
+                for key, m in o["modes"].items():
+                    print(f"{'progress ' + key:>28} step {m['step_s'] * 1e3:>8.1f} ms  hidden {m['hidden_fraction']:.2f}  "
+                          f"step/max(backward, allreduce) {m['step_vs_max']:.2f}  "
+                          f"buckets done in backward {m['completed_in_backward']}/{m['buckets']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,8 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crossovers", metavar="PATH", help="crossover table for 'auto' (default: the shipped one)")
     parser.add_argument("--ranks-per-node", type=int, help="fake nodes of this many ranks for 'hierarchical'")
     parser.add_argument("--no-resnet", action="store_true", help="skip the ResNet-50 gradient set")
+    parser.add_argument("--unpipelined", default="", metavar="ALGS",
+                        help="also time these algorithms with one piece in flight (pipeline_depth=1), e.g. ring")
+    parser.add_argument("--piece-kb", type=int, help="reduce piece size in KiB (default: a quarter of the L2 cache)")
     parser.add_argument("--bucket-mb", type=float, default=25.0, help="bucket size for the ResNet-50 set (default: %(default)s)")
     parser.add_argument("--bucketed", default="ring,auto", help="algorithms behind the BucketReducer (default: %(default)s)")
+    parser.add_argument("--overlap-bucket-mb", type=float, default=8.0,
+                        help="bucket size for the overlap study (default: %(default)s): the bucket holding the first "
+                             "layers starts only when backward ends, so its size bounds what can be hidden")
     parser.add_argument("--backward-ms", type=float, default=0.0,
                         help="also measure overlap with a simulated backward of this many ms (default: off)")
     return parser
@@ -326,20 +411,26 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
 
     def factory(name):
-        return hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node, crossovers=args.crossovers)
+        return hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node, crossovers=args.crossovers,
+                                 piece_kb=args.piece_kb)
 
     comms = {name: factory(name) for name in algorithms}
+    for name in [a for a in args.unpipelined.split(",") if a]:
+        if name not in hpcdl.comm.ALGORITHMS or name in ("native", "auto"):
+            raise UserError(f"--unpipelined: {name!r} is not one of hpcdl's own algorithms")
+        comms[f"{name}_unpipelined"] = hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node,
+                                                         pipeline_depth=1, piece_kb=args.piece_kb)
     timer = _Timer(world)
     gamma = local_add_cost(timer, dtype)
     rows = sweep(comms, timer, sizes, dtype, args.repeats, args.warmup)
     resnet = None
     if not args.no_resnet:
         resnet = resnet50_study(factory, timer, dtype, args.repeats, args.warmup, int(args.bucket_mb * 2**20),
-                                bucketed, args.backward_ms)
+                                bucketed, args.backward_ms, int(args.overlap_bucket_mb * 2**20))
 
     medians: dict[int, dict[str, float]] = {}
     for r in rows:
-        if r["algorithm"] != "auto":
+        if r["algorithm"] in hpcdl.comm.ALGORITHMS and r["algorithm"] != "auto":
             medians.setdefault(r["bytes"], {})[r["algorithm"]] = r["median_s"]
     rules = rules_from_timings(medians) if medians else []
     result = {"world": world.Get_size(), "dtype": dtype.name, "mpi": MPI.Get_library_version().splitlines()[0].strip(),
@@ -357,8 +448,15 @@ def main(argv=None) -> int:
         if args.save_crossovers and world.Get_size() == 1:
             print("not saving crossovers: one rank communicates nothing")
         elif args.save_crossovers and rules:
+            from hpcdl import perfmodel
+            from hpcdl.comm.auto import machine_fingerprint
+
             source = f"hpcdl bench allreduce, {result['mpi']}, {dtype.name}, repeats={args.repeats}"
-            save_rules(args.save_crossovers, world.Get_size(), rules, source)
+            try:  # the model auto falls back to at other P, fitted to this sweep
+                costs = {k: c.as_dict() for k, c in perfmodel.fit_bench(result, large_bytes=16 * 2**20).items()}
+            except ValueError:
+                costs = None
+            save_rules(args.save_crossovers, world.Get_size(), rules, source, machine=machine_fingerprint(), costs=costs)
             print(f"crossover rules for P={world.Get_size()} saved to {args.save_crossovers}")
     sys.stdout.flush()
     return 0

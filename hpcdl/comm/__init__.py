@@ -27,7 +27,7 @@ ALGORITHMS = {
 }
 # Options some algorithms take; each class receives the ones its constructor names,
 # so one config section can be passed whatever the algorithm.
-OPTIONS = ("ranks_per_node", "crossovers")
+OPTIONS = ("ranks_per_node", "crossovers", "piece_kb", "pipeline_depth")
 
 
 def communicator_class(name: str):

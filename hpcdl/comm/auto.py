@@ -1,4 +1,15 @@
-"""`auto`: choose the allreduce algorithm by message size from measured crossovers.
+"""`auto`: choose the allreduce algorithm by message size, from measurements where they apply.
+
+Two sources, and `describe()` (the training banner, `hpcdl info`) says which
+one is in use and from what data:
+
+* **measured**: the crossover rules of a table measured at *this* world size
+  P on this kind of machine (same logical CPU count and MPI library, see
+  `machine_fingerprint`; every rank must match).
+* **model**: otherwise, the α-β-γ cost model (`hpcdl.perfmodel`) with the
+  costs the table was fitted to (saved by `--save-crossovers`), or
+  perfmodel's defaults; the fastest modelled algorithm for each size at
+  this P. A table measured at another P is never applied as it stands.
 
 The table comes from `hpcdl bench allreduce --save-crossovers PATH`, which
 records, for the world size it ran at, the fastest algorithm at each
@@ -37,6 +48,7 @@ CROSSOVERS_ENV = "HPCDL_CROSSOVERS"
 DEFAULT_TABLE = {
     "format": FORMAT,
     "source": "shipped default: 2-core shared-memory dev host, MPICH 5.0, float32 (see hpcdl/comm/auto.py)",
+    "machine": {"cpus": 2, "mpi": "MPICH Version: 5.0"},
     "by_ranks": {
         "2": [
             {"up_to_bytes": 524288, "algorithm": "native"},
@@ -100,10 +112,50 @@ def rules_from_timings(median_s: dict[int, dict[str, float]], margin: float = 0.
     return rules
 
 
-def save_rules(path: str | os.PathLike, world_size: int, rules: list[dict], source: str) -> dict:
-    """Write (or merge into) a crossover file; other world sizes already in it are kept."""
+def machine_fingerprint() -> dict:
+    """What makes measurements from one machine apply to another: logical CPUs, CPU model, MPI library."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mpi_version = ""
+    try:
+        from mpi4py import MPI
+
+        mpi_version = " ".join(MPI.Get_library_version().split()[:3])
+    except ImportError:
+        pass
+    return {"cpus": os.cpu_count() or 0, "cpu_model": model, "mpi": mpi_version}
+
+
+def same_machine(recorded: dict | None, here: dict) -> bool:
+    """Every field the table recorded matches here (a recorded MPI version may be a prefix)."""
+    if not recorded:
+        return False
+    for key, value in recorded.items():
+        have = here.get(key)
+        if key == "mpi" and isinstance(value, str) and isinstance(have, str):
+            if not " ".join(have.split()).startswith(" ".join(value.split())):
+                return False
+        elif have != value:
+            return False
+    return True
+
+
+def save_rules(path: str | os.PathLike, world_size: int, rules: list[dict], source: str,
+               machine: dict | None = None, costs: dict | None = None) -> dict:
+    """Write (or merge into) a crossover file; other world sizes measured on the same machine are kept."""
     path = Path(path)
     table = load_table(path) if path.exists() else {"format": FORMAT, "source": source, "by_ranks": {}}
+    if machine is not None and table.get("machine") not in (None, machine):
+        table = {"format": FORMAT, "source": source, "by_ranks": {}}  # another machine's rules do not merge
+    if machine is not None:
+        table["machine"] = machine
+    if costs:
+        table["costs"] = costs
+        table["costs_from"] = f"P={world_size}: {source}"
     table["by_ranks"][str(world_size)] = rules
     table["source"] = source
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -112,12 +164,27 @@ def save_rules(path: str | os.PathLike, world_size: int, rules: list[dict], sour
     return table
 
 
-def rules_for(table: dict, world_size: int) -> tuple[int, list[dict]]:
-    """The rules measured at `world_size`, else at the nearest smaller one, else the smallest."""
-    measured = sorted(int(p) for p in table["by_ranks"])
-    below = [p for p in measured if p <= world_size]
-    chosen = below[-1] if below else measured[0]
-    return chosen, table["by_ranks"][str(chosen)]
+def rules_for(table: dict, world_size: int) -> tuple[int, list[dict]] | None:
+    """(P, rules) when the table was measured at exactly `world_size`, else None."""
+    rules = table["by_ranks"].get(str(world_size))
+    return (world_size, rules) if rules else None
+
+
+# Sizes the model is evaluated at to turn it into rules: 64 B .. 2 GiB, four per octave.
+_MODEL_SIZES = [int(2 ** (e / 4)) for e in range(24, 125)]
+
+
+def model_rules(world_size: int, costs: dict | None = None, candidates=("native", "ring", "recursive_doubling",
+                                                                          "rabenseifner")) -> list[dict]:
+    """Rules from the α-β-γ model at `world_size`: the cheapest candidate at each size, switch points halfway."""
+    from hpcdl import perfmodel
+
+    fitted = {name: perfmodel.Costs(**c) if isinstance(c, dict) else c for name, c in (costs or {}).items()}
+    table = {}
+    for n in _MODEL_SIZES:
+        table[n] = {name: perfmodel.allreduce_time(name, n, world_size, fitted.get(name) or perfmodel.DEFAULT_COSTS[name])
+                    for name in candidates}
+    return rules_from_timings(table, margin=0.0)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -133,17 +200,40 @@ class AutoCommunicator(Communicator):
     name = "auto"
 
     def __init__(self, mpi_comm=None, crossovers: str | os.PathLike | dict | None = None, **options):
-        super().__init__(mpi_comm)
+        super().__init__(mpi_comm, **{k: v for k, v in options.items() if k in ("piece_kb", "pipeline_depth")})
         from hpcdl.comm import create
 
         crossovers = crossovers or os.environ.get(CROSSOVERS_ENV) or None
         if crossovers is None:
-            self.table = DEFAULT_TABLE
+            self.table, self.table_path = DEFAULT_TABLE, "shipped default"
         elif isinstance(crossovers, dict):
-            self.table = _validate(crossovers, "crossover table")
+            self.table, self.table_path = _validate(crossovers, "crossover table"), "given table"
         else:
-            self.table = load_table(crossovers)
-        self.table_ranks, self.rules = rules_for(self.table, self.size)
+            self.table, self.table_path = load_table(crossovers), str(crossovers)
+        here = machine_fingerprint()
+        found = rules_for(self.table, self.size)
+        # Collective: every rank must take the same decision, or they would run different algorithms.
+        matches = same_machine(self.table.get("machine"), here)
+        if self.size > 1:
+            matches = all(self._comm.allgather(matches))
+        measured_at = sorted(int(p) for p in self.table["by_ranks"])
+        if found is not None and matches:
+            self.mode = "measured"
+            self.table_ranks, self.rules = found
+            self.why = f"crossovers measured at P={self.size} on this kind of machine ({self.table.get('source', '?')})"
+        else:
+            self.mode = "model"
+            self.table_ranks = None
+            costs = self.table.get("costs") if matches else None
+            self.rules = model_rules(self.size, costs)
+            if found is None:
+                reason = f"no crossovers measured at P={self.size} (the table has P={','.join(map(str, measured_at))})"
+            else:
+                reason = (f"the table's P={self.size} crossovers were measured on another kind of machine "
+                          f"({self.table.get('machine') or 'not recorded'}, here {here})")
+            source = (f"costs fitted {self.table.get('costs_from', '')}" if costs
+                      else "perfmodel.DEFAULT_COSTS (fitted on the 2-core development host)")
+            self.why = f"alpha-beta-gamma model: {reason}; {source}"
         names = sorted({rule["algorithm"] for rule in self.rules})
         self.algorithms = {name: create(name, self.mpi_comm, **options) for name in names}
 
@@ -157,7 +247,7 @@ class AutoCommunicator(Communicator):
         return self.algorithms[self.choose(buf.nbytes)]._start_checked(buf, op, tag, blocking)
 
     def describe(self) -> str:
-        lines = [f"auto: {self.size} ranks, rules measured at P={self.table_ranks} ({self.table.get('source', '?')})"]
+        lines = [f"auto: {self.size} ranks, {self.mode}: {self.why} [{self.table_path}]"]
         low = 0
         for rule in self.rules:
             high = rule["up_to_bytes"]

@@ -8,7 +8,7 @@ serves two drivers:
 * `allreduce(buf)` waits on each yielded step (blocking collective);
 * `start(buf, tag=...)` returns a `Pending` that advances only when polled
   with `test()`, which lets the bucketed reducer keep several allreduces in
-  flight during backward without a progress thread.
+  flight during backward, polled from its hooks or by a communication thread.
 
 Everything else (argument checks, the size-1 and size-0 fast paths, staging
 of CuPy buffers through pinned host memory, the division for op="mean",
@@ -17,11 +17,14 @@ communication pattern.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable, Generator, Iterator
 
 import numpy as np
 
 from hpcdl.backend import array_module, synchronize
+from hpcdl.errors import ConfigError
 
 # Tag 0 carries blocking allreduces; start() callers use 1 ... tag_ub so that
 # several non-blocking reductions can be in flight without their messages
@@ -62,18 +65,20 @@ def adder(buf) -> Callable:
 
 
 def exchange(comm, send, dest: int, recv, source: int, tag: int) -> list:
-    """Post one receive and one send; the schedule yields the two requests."""
-    fence(send)
+    """Post one receive and one send; the schedule yields the two requests.
+
+    No device fence here: the communicator fences once when a reduction
+    starts, and the schedules fence after their own device additions, once
+    per step, before sending what those additions wrote.
+    """
     return [comm.Irecv(recv, source, tag), comm.Isend(send, dest, tag)]
 
 
 def send(comm, buf, dest: int, tag: int) -> list:
-    fence(buf)
     return [comm.Isend(buf, dest, tag)]
 
 
 def receive(comm, buf, source: int, tag: int) -> list:
-    fence(buf)
     return [comm.Irecv(buf, source, tag)]
 
 
@@ -86,72 +91,187 @@ def chunk_bounds(n: int, parts: int) -> list[int]:
     return [n * i // parts for i in range(parts + 1)]
 
 
-# Reduce-scatter steps receive and add in pieces of about this many bytes, so
-# each received piece is added while it is still in cache instead of
-# streaming a chunk-sized scratch buffer through memory twice. On the 2-core
-# development host (MPICH 5.0, shared memory) this took the 2-rank ring at
-# 100 MiB from 17.5 ms to 11.4 ms; 256 KiB and 4 MiB pieces were within 7 %.
-REDUCE_PIECE_BYTES = 1 << 20
+# -- pieces: how a reduce step is cut, and how many pieces are in flight --------------------
+
+MIN_PIECE_BYTES = 64 * 2**10
+MAX_PIECE_BYTES = 4 * 2**20
+FALLBACK_CACHE_BYTES = 2 * 2**20
 
 
-def pieces_for(largest_chunk: int, itemsize: int) -> int:
-    """How many pieces a reduce step of up to `largest_chunk` elements is cut into.
+def cache_bytes() -> tuple[int, str]:
+    """(bytes of one core's last private cache level, where the figure came from).
 
-    Sender and receiver must agree on it, so it depends only on numbers both know.
+    Linux sysfs first (the L2 of cpu0, which the kernel reads from CPUID or
+    the device tree), then glibc's sysconf, then a 2 MiB guess.
     """
-    return max(1, -(-largest_chunk * itemsize // REDUCE_PIECE_BYTES))
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        best = None
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            with open(f"{base}/{entry}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/{entry}/type") as f:
+                kind = f.read().strip()
+            with open(f"{base}/{entry}/size") as f:
+                text = f.read().strip()
+            if level == 2 and kind in ("Unified", "Data"):
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+                best = int(text.rstrip("KMG")) * scale
+        if best:
+            return best, "sysfs L2"
+    except (OSError, ValueError):
+        pass
+    try:
+        value = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+        if value and value > 0:
+            return int(value), "sysconf L2"
+    except (ValueError, OSError, AttributeError):
+        pass
+    return FALLBACK_CACHE_BYTES, "guess"
 
 
-def piece_capacity(largest_chunk: int, itemsize: int) -> int:
-    """Scratch elements that hold any piece of a chunk of up to `largest_chunk` elements.
+def piece_bytes_for_cache(cache: int) -> int:
+    """A quarter of the cache, as a power of two within [64 KiB, 4 MiB].
 
-    A chunk of m elements is cut into ceil(m·itemsize / REDUCE_PIECE_BYTES)
-    pieces, so no piece is longer than m or than REDUCE_PIECE_BYTES / itemsize
-    (rounded up), whatever m is.
+    While piece k is added, the piece being received, the one being added and
+    its target stay resident, with room left for the neighbour's copy.
     """
-    return min(largest_chunk, -(-REDUCE_PIECE_BYTES // itemsize))
+    target = max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, cache // 4))
+    return 1 << (target.bit_length() - 1)
 
 
-def exchange_and_add(comm, outgoing, dest: int, target, source: int, scratch, tag: int, pieces: int) -> Schedule:
-    """Send `outgoing` to `dest` while adding what `source` sends into `target`, piece by piece.
+@dataclass(frozen=True)
+class Pieces:
+    """How a reduce step is cut into pieces, and how many receives run ahead of the addition.
 
-    The sender's `outgoing` and the receiver's `target` are the same chunk of
-    the vector, so cutting both with `chunk_bounds(size, pieces)` makes every
-    piece's send match its receive. `scratch` holds one piece.
+    Every rank must hold the same `Pieces`: senders and receivers cut the same
+    chunk with it. The communicator agrees on it at construction (the smallest
+    piece any rank asks for).
+
+    depth = 1 is the old, unpipelined exchange: post piece k, wait, add, post
+    k + 1. depth >= 2 posts every send of a step at once and keeps `depth`
+    receives in flight, so piece k + 1 arrives while piece k is added.
+    """
+
+    bytes: int = 1 << 20
+    depth: int = 2
+
+    def count(self, elements: int, itemsize: int) -> int:
+        """Pieces for a step of up to `elements` elements; depends only on numbers both sides know."""
+        return max(1, -(-elements * itemsize // self.bytes))
+
+    def capacity(self, elements: int, itemsize: int) -> int:
+        """Elements that hold any one piece of a chunk of up to `elements` elements.
+
+        A chunk of m elements is cut into ceil(m·itemsize / bytes) pieces, so
+        no piece is longer than m or than bytes / itemsize (rounded up).
+        """
+        return min(elements, -(-self.bytes // itemsize))
+
+    def scratch(self, elements: int, itemsize: int) -> int:
+        """Receive scratch for reduce steps of up to `elements` elements: one slot per piece in flight."""
+        return self.depth * self.capacity(elements, itemsize)
+
+
+DEFAULT_PIECES = Pieces()
+
+
+def _slots(scratch, depth: int, capacity: int) -> list:
+    return [scratch[i * capacity:(i + 1) * capacity] for i in range(depth)]
+
+
+def exchange_and_add(comm, outgoing, dest: int, target, source: int, scratch, tag: int, plan: Pieces,
+                     received_first: bool = False, in_place: bool = False) -> Schedule:
+    """Send `outgoing` to `dest` while adding what `source` sends into `target`, piece by piece, pipelined.
+
+    The sender's `outgoing` and the receiver's `target` are the same stretch
+    of the vector, so cutting both with `chunk_bounds(size, pieces)` makes
+    every piece's send match its receive. All sends of the step go out at
+    once; `plan.depth` receives are kept posted into the slots of `scratch`
+    (`plan.scratch(...)` elements), so the next piece travels while this
+    one is added. `in_place` (outgoing is target, as in recursive doubling)
+    also waits for piece k's send before adding into it, since MPI forbids
+    writing a buffer that is still being sent. On the device, every piece
+    gets its own slot and one fence after the last addition covers them all.
     """
     add = adder(target)
+    largest = max(outgoing.size, target.size)
+    pieces = plan.count(largest, target.itemsize)
+    device = not is_host(target)
+    depth = pieces if device else max(1, min(plan.depth, pieces))
+    capacity = plan.capacity(largest, target.itemsize)
+    slots = _slots(scratch, depth, capacity)
     send_bounds = chunk_bounds(outgoing.size, pieces)
     recv_bounds = chunk_bounds(target.size, pieces)
+    if depth == 1:  # the unpipelined exchange, kept for comparison (comm.pipeline_depth = 1)
+        for k in range(pieces):
+            piece = target[recv_bounds[k]:recv_bounds[k + 1]]
+            incoming = slots[0][: piece.size]
+            yield exchange(comm, outgoing[send_bounds[k]:send_bounds[k + 1]], dest, incoming, source, tag)
+            _add(add, piece, incoming, received_first)
+        return
+    sends = [comm.Isend(outgoing[send_bounds[k]:send_bounds[k + 1]], dest, tag) for k in range(pieces)]
+    recvs = [None] * pieces
+
+    def post(k):
+        size = recv_bounds[k + 1] - recv_bounds[k]
+        recvs[k] = comm.Irecv(slots[k % depth][:size], source, tag)
+
+    for k in range(min(depth, pieces)):
+        post(k)
     for k in range(pieces):
+        yield [recvs[k], sends[k]] if in_place else [recvs[k]]
         piece = target[recv_bounds[k]:recv_bounds[k + 1]]
-        incoming = scratch[: piece.size]
-        yield exchange(comm, outgoing[send_bounds[k]:send_bounds[k + 1]], dest, incoming, source, tag)
+        _add(add, piece, slots[k % depth][: piece.size], received_first)
+        if k + depth < pieces:
+            post(k + depth)
+    if device:
+        fence(target)
+    yield sends
+
+
+def _add(add, piece, incoming, received_first: bool) -> None:
+    if received_first:
+        add(incoming, piece, out=piece)
+    else:
         add(piece, incoming, out=piece)
 
 
-def send_in_pieces(comm, buf, dest: int, tag: int, pieces: int) -> Schedule:
-    """The sending side of `receive_and_add`."""
-    bounds = chunk_bounds(buf.size, pieces)
-    for k in range(pieces):
-        yield send(comm, buf[bounds[k]:bounds[k + 1]], dest, tag)
+def send_in_pieces(comm, buf, dest: int, tag: int, plan: Pieces) -> Schedule:
+    """The sending side of `receive_and_add`: every piece posted at once."""
+    bounds = chunk_bounds(buf.size, plan.count(buf.size, buf.itemsize))
+    yield [comm.Isend(buf[bounds[k]:bounds[k + 1]], dest, tag) for k in range(len(bounds) - 1)]
 
 
-def receive_and_add(comm, target, source: int, scratch, tag: int, pieces: int, received_first: bool = False) -> Schedule:
-    """Add what `source` sends (with `send_in_pieces`) into `target`, piece by piece.
+def receive_and_add(comm, target, source: int, scratch, tag: int, plan: Pieces, received_first: bool = False) -> Schedule:
+    """Add what `source` sends (with `send_in_pieces`) into `target`, `plan.depth` pieces in flight.
 
     `received_first` puts the received operand on the left of the addition,
     for algorithms that keep the lower rank's data first.
     """
     add = adder(target)
+    pieces = plan.count(target.size, target.itemsize)
+    device = not is_host(target)
+    depth = pieces if device else max(1, min(plan.depth, pieces))
+    slots = _slots(scratch, depth, plan.capacity(target.size, target.itemsize))
     bounds = chunk_bounds(target.size, pieces)
+    recvs = [None] * pieces
+
+    def post(k):
+        recvs[k] = comm.Irecv(slots[k % depth][: bounds[k + 1] - bounds[k]], source, tag)
+
+    for k in range(min(depth, pieces)):
+        post(k)
     for k in range(pieces):
+        yield [recvs[k]]
         piece = target[bounds[k]:bounds[k + 1]]
-        incoming = scratch[: piece.size]
-        yield receive(comm, incoming, source, tag)
-        if received_first:
-            add(incoming, piece, out=piece)
-        else:
-            add(piece, incoming, out=piece)
+        _add(add, piece, slots[k % depth][: piece.size], received_first)
+        if k + depth < pieces:
+            post(k + depth)
+    if device:
+        fence(target)
 
 
 def check_buffer(buf, op: str) -> None:
@@ -173,8 +293,9 @@ class Pending:
     `test()` never blocks: it advances through every step whose requests
     have completed and reports whether the whole reduction is done. `wait()`
     blocks until it is. Progress happens only inside these calls (and inside
-    MPI calls made by other Pendings), by design: no helper thread competes
-    with backward for the cores.
+    MPI calls made by other Pendings); who makes them, backward's hooks or a
+    communication thread, is the caller's choice (`hpcdl.comm.progress`).
+    Not thread-safe: one thread at a time may drive a Pending.
     """
 
     __slots__ = ("_steps", "_requests", "_on_done", "done")
@@ -218,6 +339,48 @@ class Pending:
             self._advance()
 
 
+# -- bytes on the wire ------------------------------------------------------------
+
+class Traffic:
+    """Bytes this rank's point-to-point calls sent and received (posted, whether or not yet complete)."""
+
+    __slots__ = ("sent", "received")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+    def as_dict(self) -> dict:
+        return {"sent": self.sent, "received": self.received}
+
+
+class CountingComm:
+    """An mpi4py communicator whose Isend/Irecv add their sizes to a shared `Traffic`.
+
+    Everything else is passed through, so the schedules need not know. Sub-
+    communicators made from it are wrapped again by whoever splits them.
+    """
+
+    __slots__ = ("raw", "traffic")
+
+    def __init__(self, raw, traffic: Traffic):
+        self.raw, self.traffic = raw, traffic
+
+    def Isend(self, buf, dest: int, tag: int):
+        self.traffic.sent += buf.nbytes
+        return self.raw.Isend(buf, dest, tag)
+
+    def Irecv(self, buf, source: int, tag: int):
+        self.traffic.received += buf.nbytes
+        return self.raw.Irecv(buf, source, tag)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
 # -- the base class -------------------------------------------------------------
 
 class Communicator:
@@ -234,15 +397,38 @@ class Communicator:
 
     name = "base"
 
-    def __init__(self, mpi_comm=None):
+    def __init__(self, mpi_comm=None, piece_kb: int | None = None, pipeline_depth: int | None = None):
         MPI = mpi()
         self.mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self.mpi_comm.Get_rank()
         self.size = self.mpi_comm.Get_size()
-        self._comm = self.mpi_comm.Dup() if self.size > 1 else self.mpi_comm
-        self.tag_ub = int(self._comm.Get_attr(MPI.TAG_UB) or 32767)
+        self.traffic = Traffic()
+        raw = self.mpi_comm.Dup() if self.size > 1 else self.mpi_comm
+        self._comm = CountingComm(raw, self.traffic)
+        self.tag_ub = int(raw.Get_attr(MPI.TAG_UB) or 32767)
+        self.pieces, self.pieces_from = self._agree_on_pieces(piece_kb, pipeline_depth)
         self._scratch: dict = {}
         self._staging: dict = {}
+
+    def _agree_on_pieces(self, piece_kb, pipeline_depth) -> tuple[Pieces, str]:
+        """The piece size and depth every rank uses: the smallest any rank asks for (collective)."""
+        if pipeline_depth is not None and int(pipeline_depth) < 1:
+            raise ConfigError(f"comm.pipeline_depth must be >= 1, got {pipeline_depth}")
+        if piece_kb:
+            wanted, source = int(piece_kb) * 2**10, "comm.piece_kb"
+            if wanted < 1:
+                raise ConfigError(f"comm.piece_kb must be positive, got {piece_kb}")
+        else:
+            cache, where = cache_bytes()
+            wanted, source = piece_bytes_for_cache(cache), f"{where} {cache // 2**10} KiB / 4"
+        depth = int(pipeline_depth or DEFAULT_PIECES.depth)
+        if self.size > 1:
+            mine = (wanted, depth)
+            everyone = self._comm.allgather(mine)
+            wanted, depth = min(w for w, _ in everyone), min(d for _, d in everyone)
+            if len(set(everyone)) > 1:
+                source += ", smallest over ranks"
+        return Pieces(wanted, depth), source
 
     # -- reductions --------------------------------------------------------------
     def allreduce(self, buf, op: str = "sum"):
@@ -280,6 +466,9 @@ class Communicator:
         from hpcdl.comm import gpu
 
         if gpu.cuda_aware():
+            # Once per reduction: backward's kernels that wrote `buf` must be done before MPI
+            # reads it. Later fences come only after the schedule's own additions (per step).
+            fence(buf)
             return Pending(self._schedule(buf, tag, blocking), finish)
         host = self._pinned(tag, buf)
         gpu.download(buf, host)
@@ -352,7 +541,7 @@ class Communicator:
         return self._comm.allgather(obj)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.size} ranks"
+        return f"{self.name}: {self.size} ranks, pieces of {self.pieces.bytes // 2**10} KiB ({self.pieces_from}), {self.pieces.depth} in flight"
 
     def __repr__(self):
         return f"{type(self).__name__}(rank={self.rank}, size={self.size})"

@@ -6,10 +6,17 @@ during backward. Buckets are the middle road (PyTorch DDP: 25 MB; Horovod
 tensor fusion: up to 128 MiB): contiguous slices of `arena.grads` made of
 whole segments, cut from the end of the arena because backward finishes
 the last layers first. As soon as every segment of a bucket has reported
-ready, the bucket's allreduce starts, non-blocking, and every later hook
-call polls the buckets in flight. There is deliberately no progress thread:
-on a node whose cores all run ranks, a polling thread steals them from
-backward.
+ready, the bucket's allreduce starts, non-blocking. What moves it forward
+afterwards is `progress`:
+
+* "thread": a communication thread (`hpcdl.comm.progress`) polls every
+  bucket in flight until it completes, sleeping `poll_interval_s` between
+  polls that find nothing done. Completion no longer depends on how many
+  hooks backward has or on P.
+* "hooks": every later hook call polls the buckets in flight, and keeps
+  polling for up to `budget_s` seconds (0: one poll). No extra thread, so
+  nothing competes with backward for the core, but a bucket needs
+  (P-1)(pieces+1) completed steps, i.e. at least as many polls.
 
 Typical step with gradient accumulation::
 
@@ -30,6 +37,7 @@ from hpcdl.comm.base import OPS
 from hpcdl.errors import ConfigError
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+PROGRESS = ("thread", "hooks")
 
 
 @dataclass(frozen=True)
@@ -44,19 +52,30 @@ class Bucket:
         return self.end - self.start
 
 
-def plan_buckets(segments: Sequence[Segment], total: int, itemsize: int, bucket_bytes: int) -> list[Bucket]:
+TAPER_MIN_BYTES = 2**20
+
+
+def plan_buckets(segments: Sequence[Segment], total: int, itemsize: int, bucket_bytes: int,
+                 taper: bool = False) -> list[Bucket]:
     """Cut [0, total) into buckets of whole segments, walking from the end.
 
     A bucket closes once it holds at least `bucket_bytes`, so a segment larger
     than that gets a bucket of its own. Each segment's extent runs to the next
     segment's offset, so the alignment padding rides along (it is zero on
     every rank) and the buckets tile the buffer exactly.
+
+    `taper` also closes a bucket once it is as large as everything before it
+    (but at least 1 MiB): a bucket can only hide behind the backward of the
+    layers still to come, which are the ones before it, so near the first
+    layers the buckets shrink by halves instead of leaving one full-size
+    bucket to start moments before backward ends.
     """
     buckets, names, end = [], [], total
     for i in range(len(segments) - 1, -1, -1):
         names.append(segments[i].name)
         start = segments[i].offset if i else 0
-        if (end - start) * itemsize >= bucket_bytes or i == 0:
+        limit = min(bucket_bytes, max(TAPER_MIN_BYTES, start * itemsize)) if taper else bucket_bytes
+        if (end - start) * itemsize >= limit or i == 0:
             buckets.append(Bucket(len(buckets), start, end, tuple(names)))
             names, end = [], start
     return buckets
@@ -66,22 +85,42 @@ class BucketReducer:
     """Allreduce of `arena.grads` in buckets, started from backward's gradient-ready hooks.
 
     `stats` describes the last finished step: `bytes` reduced, number of
-    `buckets`, how many were `started_in_backward`, seconds spent in the
-    hooks (`hook_s`: starting and polling) and in `finish()` (`wait_s`:
-    starting the rest and waiting for all).
+    `buckets`, how many were `started_in_backward` and how many had
+    `completed_in_backward` (finished before `finish()` was called), seconds
+    spent in the hooks (`hook_s`: starting and polling) and in `finish()`
+    (`wait_s`: starting the rest and waiting for all).
+
+    With progress="thread" call `close()` when done (it joins the thread);
+    everything else is rebuilt from (comm, arena) by constructing anew.
     """
 
-    def __init__(self, comm, arena: Arena, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True, op: str = "sum"):
+    def __init__(self, comm, arena: Arena, bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True, op: str = "sum",
+                 progress: str = "hooks", budget_s: float = 0.0, poll_interval_s: float = 50e-6, taper: bool = False):
         if not bucket_bytes > 0:
             raise ConfigError(f"comm.bucket_mb: bucket size must be positive, got {bucket_bytes} bytes")
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        if progress not in PROGRESS:
+            raise ConfigError(f"comm.progress: expected one of {PROGRESS}, got {progress!r}")
+        if budget_s < 0 or poll_interval_s < 0:
+            raise ConfigError("comm.progress_budget_ms and comm.progress_interval_us must be >= 0")
         self.comm, self.arena, self.overlap, self.op = comm, arena, bool(overlap), op
-        self.buckets = plan_buckets(arena.segments, arena.total, arena.dtype.itemsize, int(bucket_bytes))
+        self.progress, self.budget_s = progress, float(budget_s)
+        self._thread = None
+        if progress == "thread" and self.overlap and comm.size > 1:
+            from hpcdl.comm.progress import ProgressThread, available
+
+            if not available():
+                raise ConfigError("comm.progress = 'thread' needs MPI_THREAD_MULTIPLE, which this MPI did not grant; "
+                                  "use comm.progress = 'hooks'")
+            self._thread = ProgressThread(poll_interval_s)
+        self._events: list = []
+        self.buckets = plan_buckets(arena.segments, arena.total, arena.dtype.itemsize, int(bucket_bytes), taper)
         self._bucket_of = {name: b.index for b in self.buckets for name in b.segments}
         self._views = [arena.grads[b.start:b.end] for b in self.buckets]
         self._tags = [1 + b.index % comm.tag_ub for b in self.buckets]
         self._pending: list = [None] * len(self.buckets)
+        self._events = [None] * len(self.buckets)
         self._hook_s = 0.0
         self._started_in_backward = 0
         self.stats: dict = {}
@@ -122,6 +161,10 @@ class BucketReducer:
                 self._start(index)
                 self._started_in_backward += 1
         self._poll()
+        if self.budget_s and self._thread is None:
+            # A time-based budget: keep polling while there is work in flight, up to budget_s.
+            while time.perf_counter() - t0 < self.budget_s and self._in_flight():
+                self._poll()
         self._hook_s += time.perf_counter() - t0
 
     def finish(self) -> dict:
@@ -129,6 +172,7 @@ class BucketReducer:
         if not self._sync:
             raise RuntimeError("BucketReducer.finish() after begin(sync=False): finish only the step's last micro-batch")
         t0 = time.perf_counter()
+        completed = sum(1 for h in self._pending if h is not None and h.done)
         if self.comm.size > 1:
             for index, handle in enumerate(self._pending):
                 if handle is None:
@@ -137,30 +181,50 @@ class BucketReducer:
             # own messages, so this order cannot deadlock; polling the others while
             # we block keeps them moving.
             for index, handle in enumerate(self._pending):
-                self._poll()
-                handle.wait()
+                if self._thread is not None:
+                    self._thread.wait(self._events[index])
+                else:
+                    self._poll()
+                    handle.wait()
         waited = time.perf_counter() - t0
         self.stats = {
             "algorithm": self.comm.name,
             "bytes": int(self.arena.total * self.arena.dtype.itemsize),
             "buckets": len(self.buckets),
             "started_in_backward": self._started_in_backward,
+            "completed_in_backward": completed,
+            "progress": self.progress,
             "hook_s": self._hook_s,
             "wait_s": waited,
         }
         self._pending = [None] * len(self.buckets)
+        self._events = [None] * len(self.buckets)
         self._hook_s, self._started_in_backward = 0.0, 0
         self.begin(sync=True)
         return self.stats
 
+    def close(self) -> None:
+        """Stop and join the communication thread (if any). The reducer is unusable afterwards."""
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
+
     def _start(self, index: int) -> None:
         self._pending[index] = self.comm.start(self._views[index], self.op, tag=self._tags[index])
+        if self._thread is not None:
+            self._events[index] = self._thread.submit(self._pending[index])
+
+    def _in_flight(self) -> bool:
+        return any(h is not None and not h.done for h in self._pending)
 
     def _poll(self) -> None:
+        if self._thread is not None:
+            return  # the thread owns every handle it was given
         for handle in self._pending:
             if handle is not None and not handle.done:
                 handle.test()
 
     def describe(self) -> str:
         sizes = ", ".join(f"{b.size * self.arena.dtype.itemsize / 2**20:.2f}" for b in self.buckets)
-        return f"{len(self.buckets)} bucket(s) of [{sizes}] MiB, overlap={'on' if self.overlap else 'off'}, op={self.op}"
+        how = f", progress={self.progress}" + (f" (budget {self.budget_s * 1e3:g} ms)" if self.budget_s else "")
+        return f"{len(self.buckets)} bucket(s) of [{sizes}] MiB, overlap={'on' if self.overlap else 'off'}{how}, op={self.op}"

@@ -120,3 +120,60 @@ def upload(host_buf, device_buf) -> None:
     import cupy
 
     device_buf.set(host_buf, stream=cupy.cuda.get_current_stream())
+
+
+# Node-local rank as launchers export it, before MPI is initialised.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID", "PMI_LOCAL_RANK", "PMIX_LOCAL_RANK")
+
+
+def launcher_local_rank(env=None) -> int | None:
+    env = os.environ if env is None else env
+    for var in LOCAL_RANK_VARS:
+        value = env.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def select_device_before_mpi(env=None) -> int | None:
+    """Make device (local rank mod visible devices) current before MPI_Init; returns it, or None.
+
+    Open MPI (and UCX) look at the current CUDA context during MPI_Init to set
+    up device-memory transports, so the choice must come first. The CUDA
+    runtime is called through ctypes: importing CuPy would load NumPy, which
+    must wait until the thread count is pinned. Without a launcher's local
+    rank, or without libcudart, nothing happens and `backend.use_device`
+    chooses later as before (the same device: it uses the same local rank).
+    """
+    local = launcher_local_rank(env)
+    if local is None:
+        return None
+    for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.11.0"):
+        try:
+            cudart = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    count = ctypes.c_int(0)
+    if cudart.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return None
+    device = local % count.value
+    return device if cudart.cudaSetDevice(device) == 0 else None
+
+
+def device_nonblocking_collectives() -> bool:
+    """Whether MPI's non-blocking collectives accept device buffers.
+
+    CUDA-aware point-to-point does not imply it: Open MPI's CUDA support
+    has long listed non-blocking collectives on device memory as unsupported
+    (its CUDA FAQ), while MPICH's GPU support covers them. HPCDL_DEVICE_NBC=1/0
+    overrides; unknown counts as no (the native communicator then blocks).
+    """
+    flag = _env_flag("HPCDL_DEVICE_NBC")
+    if flag is not None:
+        return flag
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().lstrip().startswith("MPICH") and bool(cuda_aware())

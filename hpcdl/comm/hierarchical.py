@@ -1,20 +1,32 @@
-"""Two-level allreduce: reduce inside each node, ring between nodes, broadcast inside each node.
+"""Two-level allreduce that moves no more bytes than the ring: node-local reduce-scatter,
+inter-node allreduce of every shard at once, node-local allgather.
 
-Shared memory inside a node is far faster than the network between nodes,
-so only one rank per node (the leader, node-local rank 0) should put the
-vector on the wire. Each phase is point-to-point with the caller's tag, so
-several bucketed reductions can be in flight at once without the ordering
-rules of non-blocking collectives.
+With k ranks on each of m nodes (p = m·k), local rank q of every node ends
+the node-local reduce-scatter holding the node's sum of shard (q + 1) mod k
+(n/k elements). The k local ranks then allreduce their shards across nodes
+at the same time, each with the ranks of the same local rank on the other
+nodes, so every rank, not one leader per node, drives the network, and each
+moves only n/k. A node-local allgather puts the shards together. Each rank
+sends (and receives) (k-1)/k·n + 2(m-1)/m·n/k + (k-1)/k·n = 2(p-1)/p·n
+bytes, exactly the ring's (Patarasuk & Yuan 2009 call this bound optimal);
+Horovod's and NCCL's hierarchical allreduce and Jia et al. 2018 ("Highly
+scalable deep learning training system with mixed-precision", the 2D ring)
+have this shape. Every phase is point-to-point with the caller's tag, so
+several bucketed reductions can be in flight at once.
+
+Nodes of unequal size (a Slurm layout of 3+2 ranks) break the shard
+correspondence, so they fall back to the older scheme: node-local binomial
+reduce onto a leader, ring among leaders, node-local binomial broadcast.
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import (Communicator, Schedule, mpi, piece_capacity, pieces_for, receive,
-                              receive_and_add, send, send_in_pieces)
-from hpcdl.comm.ring import ring_schedule, ring_scratch_size
+from hpcdl.comm.base import (Communicator, CountingComm, Schedule, is_host, mpi, receive, receive_and_add, send,
+                              send_in_pieces)
+from hpcdl.comm.ring import ring_allgather, ring_chunk, ring_reduce_scatter, ring_schedule, ring_scratch_size
 from hpcdl.errors import ConfigError
 
 
-def tree_reduce_schedule(comm, buf, scratch, tag: int) -> Schedule:
+def tree_reduce_schedule(comm, buf, scratch, tag: int, plan) -> Schedule:
     """Binomial-tree sum onto rank 0 of `comm`; other ranks' buffers end up partial.
 
     Rank q receives from q + 2^k while bit k of q is clear and sends to
@@ -22,14 +34,13 @@ def tree_reduce_schedule(comm, buf, scratch, tag: int) -> Schedule:
     formed on one rank only, lower ranks' data first.
     """
     k, q = comm.Get_size(), comm.Get_rank()
-    pieces = pieces_for(buf.size, buf.itemsize)
     mask = 1
     while mask < k:
         if q & mask:
-            yield from send_in_pieces(comm, buf, q - mask, tag, pieces)
+            yield from send_in_pieces(comm, buf, q - mask, tag, plan)
             return
         if q + mask < k:
-            yield from receive_and_add(comm, buf, q + mask, scratch, tag, pieces)
+            yield from receive_and_add(comm, buf, q + mask, scratch, tag, plan)
         mask <<= 1
 
 
@@ -53,39 +64,76 @@ def tree_bcast_schedule(comm, buf, tag: int) -> Schedule:
 
 
 class HierarchicalCommunicator(Communicator):
-    """Node-local binomial reduce, ring among node leaders, node-local binomial broadcast.
+    """Node-local reduce-scatter, per-shard inter-node ring, node-local allgather (see the module docstring).
 
     Nodes come from `MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)`. To exercise
-    the inter-node ring on one machine, `ranks_per_node=k` fakes nodes of k
+    the inter-node phase on one machine, `ranks_per_node=k` fakes nodes of k
     consecutive ranks instead.
 
-    Bitwise agreement: the leaders' ring leaves identical bits on every
-    leader (see `ring_schedule`); the broadcast copies them to every rank.
+    Bitwise agreement: the node-local reduce-scatter forms each shard's node
+    sum on one rank; the inter-node ring leaves identical bits on every rank
+    of a shard's group (see `ring_schedule`); the allgather only copies.
     """
 
     name = "hierarchical"
 
-    def __init__(self, mpi_comm=None, ranks_per_node: int | None = None):
-        super().__init__(mpi_comm)
+    def __init__(self, mpi_comm=None, ranks_per_node: int | None = None, **options):
+        super().__init__(mpi_comm, **options)
         MPI = mpi()
         if ranks_per_node is not None and int(ranks_per_node) < 1:
             raise ConfigError(f"comm.ranks_per_node must be >= 1, got {ranks_per_node}")
+        raw = self._comm.raw
         if ranks_per_node:
-            self.node_comm = self._comm.Split(color=self.rank // int(ranks_per_node), key=self.rank)
+            node = raw.Split(color=self.rank // int(ranks_per_node), key=self.rank)
         else:
-            self.node_comm = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.is_leader = self.node_comm.Get_rank() == 0
-        self.leader_comm = self._comm.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.rank)
-        self.num_nodes = sum(self._comm.allgather(self.is_leader))
+            node = raw.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.node_comm = CountingComm(node, self.traffic)
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        self.is_leader = self.local_rank == 0
+        sizes = raw.allgather(self.local_size if self.is_leader else None)
+        self.node_sizes = [s for s in sizes if s is not None]
+        self.num_nodes = len(self.node_sizes)
+        self.balanced = len(set(self.node_sizes)) == 1
+        if self.balanced:
+            # ranks of the same local rank on every node: they hold the same shard
+            self.cross_comm = CountingComm(raw.Split(color=self.local_rank, key=self.rank), self.traffic)
+            self.leader_comm = None
+        else:
+            self.cross_comm = None
+            leaders = raw.Split(color=0 if self.is_leader else MPI.UNDEFINED, key=self.rank)
+            self.leader_comm = CountingComm(leaders, self.traffic) if self.is_leader else None
 
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
-        tree_piece = piece_capacity(buf.size, buf.itemsize) if self.node_comm.Get_size() > 1 else 0
-        need = max(tree_piece, ring_scratch_size(buf.size, self.num_nodes, buf.itemsize))
+        if not self.balanced:
+            return self._reduce_bcast_schedule(buf, tag)
+        return self._sharded_schedule(buf, tag)
+
+    def _sharded_schedule(self, buf, tag: int) -> Schedule:
+        k, m, plan = self.local_size, self.num_nodes, self.pieces
+        device = not is_host(buf)
+        start, end = ring_chunk(buf.size, k, self.local_rank)
+        shard = buf[start:end]
+        need = max(ring_scratch_size(buf.size, k, buf.itemsize, plan, device),
+                   ring_scratch_size(-(-buf.size // k), m, buf.itemsize, plan, device))
         scratch = self.scratch(tag, buf, need)
-        yield from tree_reduce_schedule(self.node_comm, buf, scratch, tag)
+        yield from ring_reduce_scatter(self.node_comm, buf, scratch, tag, plan)
+        yield from ring_schedule(self.cross_comm, shard, scratch, tag, plan)
+        yield from ring_allgather(self.node_comm, buf, tag, plan)
+
+    def _reduce_bcast_schedule(self, buf, tag: int) -> Schedule:
+        plan = self.pieces
+        device = not is_host(buf)
+        tree = plan.count(buf.size, buf.itemsize) * plan.capacity(buf.size, buf.itemsize) if device \
+            else plan.scratch(buf.size, buf.itemsize)
+        need = max(tree if self.local_size > 1 else 0,
+                   ring_scratch_size(buf.size, self.num_nodes, buf.itemsize, plan, device))
+        scratch = self.scratch(tag, buf, need)
+        yield from tree_reduce_schedule(self.node_comm, buf, scratch, tag, plan)
         if self.is_leader:
-            yield from ring_schedule(self.leader_comm, buf, scratch, tag)
+            yield from ring_schedule(self.leader_comm, buf, scratch, tag, plan)
         yield from tree_bcast_schedule(self.node_comm, buf, tag)
 
     def describe(self) -> str:
-        return f"{self.name}: {self.size} ranks on {self.num_nodes} node(s), {self.node_comm.Get_size()} on this rank's node"
+        shape = (f"{self.num_nodes} node(s) x {self.local_size} ranks, sharded" if self.balanced
+                 else f"{self.num_nodes} nodes of {self.node_sizes} ranks (unequal: reduce, leader ring, broadcast)")
+        return f"{self.name}: {self.size} ranks on {shape}"

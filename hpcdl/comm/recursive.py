@@ -12,8 +12,8 @@ Ranks inside the group are renumbered 0 .. p'-1 ("group rank");
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import (Communicator, Schedule, adder, chunk_bounds, exchange, exchange_and_add,
-                              piece_capacity, pieces_for, receive, receive_and_add, send, send_in_pieces)
+from hpcdl.comm.base import (DEFAULT_PIECES, Communicator, Pieces, Schedule, chunk_bounds, exchange, exchange_and_add,
+                              is_host, receive, receive_and_add, send, send_in_pieces)
 
 
 class _Fold:
@@ -31,15 +31,14 @@ class _Fold:
     def world_rank(self, group_rank: int) -> int:
         return 2 * group_rank + 1 if group_rank < self.rem else group_rank + self.rem
 
-    def fold_in(self, comm, buf, scratch, tag: int) -> Schedule:
+    def fold_in(self, comm, buf, scratch, tag: int, plan: Pieces) -> Schedule:
         if self.rank >= 2 * self.rem:
             return
-        pieces = pieces_for(buf.size, buf.itemsize)
         if self.group_rank < 0:
-            yield from send_in_pieces(comm, buf, self.rank + 1, tag, pieces)
+            yield from send_in_pieces(comm, buf, self.rank + 1, tag, plan)
             return
         # lower rank's operand first, as in the group steps
-        yield from receive_and_add(comm, buf, self.rank - 1, scratch, tag, pieces, received_first=True)
+        yield from receive_and_add(comm, buf, self.rank - 1, scratch, tag, plan, received_first=True)
 
     def fold_out(self, comm, buf, tag: int) -> Schedule:
         if self.rank >= 2 * self.rem:
@@ -50,7 +49,7 @@ class _Fold:
             yield send(comm, buf, self.rank - 1, tag)
 
 
-def recursive_doubling_schedule(comm, buf, scratch, tag: int) -> Schedule:
+def recursive_doubling_schedule(comm, buf, scratch, tag: int, plan: Pieces = DEFAULT_PIECES) -> Schedule:
     """log2(p') exchanges of the whole vector with partner group_rank XOR 2^k.
 
     Bitwise agreement: after step k all ranks of an aligned block of 2^(k+1)
@@ -60,23 +59,19 @@ def recursive_doubling_schedule(comm, buf, scratch, tag: int) -> Schedule:
     folded-out ranks receive a copy.
     """
     fold = _Fold(comm.Get_size(), comm.Get_rank())
-    yield from fold.fold_in(comm, buf, scratch, tag)
+    yield from fold.fold_in(comm, buf, scratch, tag, plan)
     if fold.group_rank >= 0:
-        add = adder(buf)
-        incoming = scratch[: buf.size]
         mask = 1
         while mask < fold.group:
             partner = fold.world_rank(fold.group_rank ^ mask)
-            yield exchange(comm, buf, partner, incoming, partner, tag)
-            if partner < fold.rank:
-                add(incoming, buf, out=buf)
-            else:
-                add(buf, incoming, out=buf)
+            # the vector is sent and added into at once: piece k is added only after it has gone
+            yield from exchange_and_add(comm, buf, partner, buf, partner, scratch, tag, plan,
+                                        received_first=partner < fold.rank, in_place=True)
             mask <<= 1
     yield from fold.fold_out(comm, buf, tag)
 
 
-def rabenseifner_schedule(comm, buf, scratch, tag: int) -> Schedule:
+def rabenseifner_schedule(comm, buf, scratch, tag: int, plan: Pieces = DEFAULT_PIECES) -> Schedule:
     """Recursive-halving reduce-scatter, then recursive-doubling allgather.
 
     Rabenseifner (2004), "Optimization of collective reduction operations".
@@ -93,7 +88,7 @@ def rabenseifner_schedule(comm, buf, scratch, tag: int) -> Schedule:
     copies, so all ranks end with the same bits.
     """
     fold = _Fold(comm.Get_size(), comm.Get_rank())
-    yield from fold.fold_in(comm, buf, scratch, tag)
+    yield from fold.fold_in(comm, buf, scratch, tag, plan)
     g = fold.group_rank
     if g >= 0:
         bounds = chunk_bounds(buf.size, fold.group)
@@ -109,8 +104,7 @@ def rabenseifner_schedule(comm, buf, scratch, tag: int) -> Schedule:
             (keep_lo, keep_hi), (give_lo, give_hi) = ((lo, mid), (mid, hi)) if not g & mask else ((mid, hi), (lo, mid))
             kept, given = elements(keep_lo, keep_hi), elements(give_lo, give_hi)
             # both partners see the same pair of halves, so they agree on the piece count
-            pieces = pieces_for(max(kept.size, given.size), buf.itemsize)
-            yield from exchange_and_add(comm, given, partner, kept, partner, scratch, tag, pieces)
+            yield from exchange_and_add(comm, given, partner, kept, partner, scratch, tag, plan)
             lo, hi = keep_lo, keep_hi
             mask >>= 1
         mask = 1
@@ -130,7 +124,8 @@ class RecursiveDoublingCommunicator(Communicator):
     name = "recursive_doubling"
 
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
-        return recursive_doubling_schedule(self._comm, buf, self.scratch(tag, buf, buf.size), tag)
+        need = scratch_size(buf.size, buf.size, buf.itemsize, self.pieces, not is_host(buf))
+        return recursive_doubling_schedule(self._comm, buf, self.scratch(tag, buf, need), tag, self.pieces)
 
 
 class RabenseifnerCommunicator(Communicator):
@@ -141,5 +136,12 @@ class RabenseifnerCommunicator(Communicator):
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
         # The largest piece received: of the first half in the halving phase, or of the whole vector in a fold-in.
         largest = buf.size if self.size & (self.size - 1) else buf.size - buf.size // 2
-        need = piece_capacity(largest, buf.itemsize)
-        return rabenseifner_schedule(self._comm, buf, self.scratch(tag, buf, need), tag)
+        need = scratch_size(largest, buf.size, buf.itemsize, self.pieces, not is_host(buf))
+        return rabenseifner_schedule(self._comm, buf, self.scratch(tag, buf, need), tag, self.pieces)
+
+
+def scratch_size(largest: int, n: int, itemsize: int, plan: Pieces, device: bool) -> int:
+    """Receive scratch for steps of up to `largest` elements (on the device: a slot per piece)."""
+    if device:
+        return plan.count(largest, itemsize) * plan.capacity(largest, itemsize)
+    return plan.scratch(largest, itemsize)

@@ -1,18 +1,25 @@
 """BucketReducer against a NumPy sum over ranks and micro-batches.
 
-    mpiexec -n 3 python tests/mpi_scripts/comm_buckets.py
+    mpiexec -n 3 python tests/mpi_scripts/comm_buckets.py [--progress thread|hooks]
 
 A model of many small leaves (plus a parameter owned by a container, which
 never gets a gradient-ready hook) adds integer-valued gradients, distinct
 per rank, micro-batch and element, in a real `Sequential.backward`, so the
 hooks fire exactly as in training. Cases: every algorithm, overlap on and
 off, hook-driven and finish-only, one and three micro-batches (accumulation
-with begin(sync=False)), op sum and mean, two steps in a row. Rank 0 prints
+with begin(sync=False)), op sum and mean, two steps in a row, progress by
+the communication thread or by the hooks. Then completion during backward:
+leaves that sleep (as a backward waiting on its device would) after adding
+their gradients must see every bucket but the last one *finished* before
+`finish()`, with the progress thread and with a time budget in the hooks,
+while one poll per hook (budget 0) is shown not to be enough at P >= 3. Rank 0 prints
 {"cases": N, "failures": [...]}; exit status 1 on failure.
 """
+import argparse
 import hashlib
 import json
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -29,7 +36,9 @@ def pattern(shape, rank, micro, step, salt):
 
 
 class Leaf(Module):
-    """Adds a known gradient to each of its parameters during backward."""
+    """Adds a known gradient to each of its parameters during backward (then sleeps `nap` seconds)."""
+
+    nap = 0.0
 
     def __init__(self, salt, weight_shape, with_bias=True):
         self.salt = salt
@@ -45,6 +54,8 @@ class Leaf(Module):
         rank, micro, step = self.context
         for k, (_, p) in enumerate(self.own_params()):
             p.grad += pattern(p.shape, rank, micro, step, self.salt * 3 + k)
+        if Leaf.nap:
+            time.sleep(Leaf.nap)
         return dy
 
 
@@ -94,10 +105,56 @@ def expected_grads(p, step, micro_batches, dtype):
     return arena.grads.astype(dtype)
 
 
+def completion_during_backward(world, failures) -> int:
+    """Buckets that finish while backward still runs, by progress mode; returns the number of cases."""
+    p, rank = world.Get_size(), world.Get_rank()
+    cases = 0
+    comm = hpcdl.comm.create("ring", piece_kb=1)  # many pieces per bucket: many steps to drive
+    Leaf.nap = 0.03
+    try:
+        for progress, budget_s, expect_all in (("thread", 0.0, True), ("hooks", 0.02, True), ("hooks", 0.0, False)):
+            model, leaves = build_model()
+            arena = Arena([q for _, q in model.named_parameters()], dtype=np.float32)
+            reducer = BucketReducer(comm, arena, bucket_bytes=600, overlap=True, progress=progress,
+                                    budget_s=budget_s).attach(model)
+            label = f"completion progress={progress} budget={budget_s}"
+            shortfalls = []
+            for step in range(2):
+                cases += 1
+                stats = run_step(model, leaves, arena, reducer, rank, step, 1, True)
+                want = expected_grads(p, step, 1, np.float32)
+                if not np.array_equal(arena.grads, want):
+                    failures.append(f"{label} step {step}: wrong sum on rank {rank}")
+                done, started = stats["completed_in_backward"], stats["started_in_backward"]
+                # The bucket started by backward's last hook has had no time; a bucket holding
+                # a parameter no hook reports (the container's) starts only in finish().
+                if started < stats["buckets"] - 2:
+                    failures.append(f"{label} step {step}: only {started} buckets started in backward")
+                if expect_all:
+                    shortfalls.append(f"{label} step {step}: only {done} of {started} started buckets completed "
+                                      "during backward" if done < started - 1 else None)
+                # At P = 2 the ring has one step and eager messages: one poll can be enough there.
+                if not expect_all and p >= 3 and done >= started - 1:
+                    failures.append(f"{label} step {step}: {done} of {started} completed with one poll per hook; "
+                                    "the test no longer shows what the budget or thread buys")
+            # Timing on a machine shared with other jobs: the better of two steps must make it.
+            if shortfalls and all(shortfalls):
+                failures.extend(shortfalls)
+            reducer.close()
+    finally:
+        Leaf.nap = 0.0
+    return cases
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--progress", choices=("thread", "hooks"), default="hooks")
+    args = parser.parse_args()
     world = MPI.COMM_WORLD
     p, rank = world.Get_size(), world.Get_rank()
     failures, cases = [], 0
+    if p > 1:
+        cases += completion_during_backward(world, failures)
     for name in ("ring", "native", "recursive_doubling", "rabenseifner", "hierarchical", "auto"):
         comm = hpcdl.comm.create(name, ranks_per_node=2)
         for dtype in (np.float32, np.float64):
@@ -107,7 +164,8 @@ def main() -> int:
                         for micro_batches in (1, 3):
                             model, leaves = build_model()
                             arena = Arena([q for _, q in model.named_parameters()], dtype=dtype)
-                            reducer = BucketReducer(comm, arena, bucket_bytes=600, overlap=overlap, op=op).attach(model)
+                            reducer = BucketReducer(comm, arena, bucket_bytes=600, overlap=overlap, op=op,
+                                                    progress=args.progress).attach(model)
                             label = f"{name} {np.dtype(dtype).name} {op} overlap={overlap} hooked={hooked} micro={micro_batches}"
                             if len(reducer.buckets) < 4:
                                 failures.append(f"{label}: only {len(reducer.buckets)} buckets; the test wants several")
@@ -131,13 +189,14 @@ def main() -> int:
                                     failures.append(f"{label}: {started} buckets started in backward without overlap or hooks")
                                 if stats["buckets"] != len(reducer.buckets) or stats["bytes"] != arena.total * arena.dtype.itemsize:
                                     failures.append(f"{label}: stats {stats}")
+                            reducer.close()
 
         # A gradient reported again after its bucket started would be reduced half-finished: refuse.
         if p > 1:
             cases += 1
             model, leaves = build_model()
             arena = Arena([q for _, q in model.named_parameters()])
-            reducer = BucketReducer(comm, arena, bucket_bytes=1, overlap=True).attach(model)
+            reducer = BucketReducer(comm, arena, bucket_bytes=1, overlap=True, progress=args.progress).attach(model)
             reducer.begin(True)
             last = leaves[-1]
             reducer.on_grads_ready([q for _, q in last.own_params()])
@@ -147,6 +206,7 @@ def main() -> int:
             except RuntimeError:
                 pass
             reducer.finish()
+            reducer.close()
     gathered = world.gather(failures)
     if rank == 0:
         everything = [f for fs in gathered for f in fs]
