@@ -164,6 +164,7 @@ def _setup(config: Config, out_dir: Path) -> Run:
                                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
     tracer, offsets = _tracer(config, world, total_steps)
+    reducer.clock = tracer.clock  # bucket start and completion times on the timeline's clock
     return Run(
         tracer=tracer, clock_offsets=offsets,
         config=config, world=world, data=data, loader=loader, model=model, arena=arena, reducer=reducer,
@@ -330,6 +331,7 @@ def _train_step(r: Run, step: int, lr: float):
     rank_stats[CHECKPOINT_VOTE] = float(r.checkpoint_clock.local_vote(step + 1, time.monotonic()))
     with _waiting(r, "gradient allreduce"):
         r.reducer.finish()
+        _trace_buckets(r)
         r.world.allreduce(rank_stats, op="sum")
 
     r.timer.switch("optimizer")
@@ -494,6 +496,17 @@ def _tracer(config: Config, world, total_steps: int):
     first, last = min(first, total_steps), min(last, total_steps)
     offsets = trace.clock_offsets(world.mpi_comm) if world.size > 1 else [0.0]
     return trace.Tracer(world.rank, first, last), offsets
+
+
+def _trace_buckets(r: Run) -> None:
+    """Each bucket's allreduce, from its start (during backward) to its completion, on its own track."""
+    if not r.tracer.recording:
+        return
+    itemsize = r.arena.dtype.itemsize
+    for index, start, end in r.reducer.timeline:
+        bucket = r.reducer.buckets[index]
+        r.tracer.complete(f"bucket {index}", "allreduce", start, end, track=trace.BUCKET_TRACK_BASE + index,
+                          args={"bytes": bucket.size * itemsize, "tensors": len(bucket.segments)})
 
 
 def _write_trace(r: Run):

@@ -144,6 +144,15 @@ def test_two_rank_training_trace_has_a_track_per_rank_and_phases_that_cover_each
             covered = sum(e["dur"] for e in inside)
             # the phases cover the step but for the batch hand-over before the first one (microseconds)
             assert covered <= s["dur"] + 0.01 and covered >= 0.9 * s["dur"], (s, inside)
+        # every bucket's allreduce, on its own track, starts inside its step and ends by the step's optimizer
+        buckets = [e for e in complete if e["pid"] == rank and e["cat"] == "allreduce"]
+        assert buckets and all(e["tid"] >= trace.BUCKET_TRACK_BASE for e in buckets)
+        per_step = len(buckets) / len(steps)
+        assert per_step == int(per_step) >= 1
+        for s in steps:
+            mine = [e for e in buckets if s["ts"] <= e["ts"] <= s["ts"] + s["dur"]]
+            assert len(mine) == per_step
+            assert all(e["ts"] + e["dur"] <= s["ts"] + s["dur"] + 0.01 for e in mine)
     # the slowest rank's phase times ride beside rank 0's in metrics.jsonl
     windows = [json.loads(line) for line in open(out / "metrics.jsonl") if '"kind": "step"' in line]
     assert len(windows) == 3

@@ -113,14 +113,19 @@ class BucketReducer:
             if not available():
                 raise ConfigError("comm.progress = 'thread' needs MPI_THREAD_MULTIPLE, which this MPI did not grant; "
                                   "use comm.progress = 'hooks'")
-            self._thread = ProgressThread(poll_interval_s)
+            self._thread = ProgressThread(poll_interval_s, clock=lambda: self.clock())
         self._events: list = []
+        # When each bucket's reduction started and was seen complete, on `clock` (the trainer sets
+        # its timeline's clock); `timeline` holds the last finished step's (index, start, end).
+        self.clock = time.perf_counter
+        self.timeline: list[tuple[int, float, float]] = []
         self.buckets = plan_buckets(arena.segments, arena.total, arena.dtype.itemsize, int(bucket_bytes), taper)
         self._bucket_of = {name: b.index for b in self.buckets for name in b.segments}
         self._views = [arena.grads[b.start:b.end] for b in self.buckets]
         self._tags = [1 + b.index % comm.tag_ub for b in self.buckets]
         self._pending: list = [None] * len(self.buckets)
         self._events = [None] * len(self.buckets)
+        self._times = [[0.0, 0.0] for _ in self.buckets]
         self._hook_s = 0.0
         self._started_in_backward = 0
         self.stats: dict = {}
@@ -183,9 +188,12 @@ class BucketReducer:
             for index, handle in enumerate(self._pending):
                 if self._thread is not None:
                     self._thread.wait(self._events[index])
+                    self._times[index][1] = getattr(self._events[index], "completed_at", None) or self.clock()
                 else:
                     self._poll()
                     handle.wait()
+                    self._times[index][1] = self._times[index][1] or self.clock()
+            self.timeline = [(i, start, end) for i, (start, end) in enumerate(self._times)]
         waited = time.perf_counter() - t0
         self.stats = {
             "algorithm": self.comm.name,
@@ -210,6 +218,7 @@ class BucketReducer:
             self._thread = None
 
     def _start(self, index: int) -> None:
+        self._times[index] = [self.clock(), 0.0]
         self._pending[index] = self.comm.start(self._views[index], self.op, tag=self._tags[index])
         if self._thread is not None:
             self._events[index] = self._thread.submit(self._pending[index])
@@ -220,9 +229,9 @@ class BucketReducer:
     def _poll(self) -> None:
         if self._thread is not None:
             return  # the thread owns every handle it was given
-        for handle in self._pending:
-            if handle is not None and not handle.done:
-                handle.test()
+        for index, handle in enumerate(self._pending):
+            if handle is not None and not handle.done and handle.test():
+                self._times[index][1] = self.clock()  # seen complete by this poll
 
     def describe(self) -> str:
         sizes = ", ".join(f"{b.size * self.arena.dtype.itemsize / 2**20:.2f}" for b in self.buckets)

@@ -40,10 +40,12 @@ def available() -> bool:
 class ProgressThread:
     """Polls submitted `Pending` reductions until done; see the module docstring."""
 
-    def __init__(self, interval_s: float = 50e-6, name: str = "hpcdl-comm-progress", nice: int = NICE):
+    def __init__(self, interval_s: float = 50e-6, name: str = "hpcdl-comm-progress", nice: int = NICE,
+                 clock=time.perf_counter):
         if interval_s < 0:
             raise ValueError(f"progress interval must be >= 0, got {interval_s}")
         self.interval_s = float(interval_s)
+        self.clock = clock  # stamps each event's `completed_at` (the timeline's bucket ends)
         self.nice = int(nice)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -99,6 +101,7 @@ class ProgressThread:
                 for pending, done in active:
                     self.polls += 1
                     if pending.test():
+                        done.completed_at = self.clock()
                         finished.append((pending, done))
                 if finished:
                     with self._work:
