@@ -129,7 +129,7 @@ def parse_network(text: str) -> tuple[Costs, str]:
     return costs, f"given: α = {costs.alpha:.3g} s, β = {costs.beta:.3g} s/B ({1 / costs.beta / 1e9:.1f} GB/s)"
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     """'256,8K,32K' -> [256, 8192, 32768]: K is 1024, as in the large-batch papers' "batch 32K"."""
     def one(value: str) -> int:
         value = value.strip()
@@ -158,8 +158,8 @@ def _parse_args(argv):
                         help="forward + backward seconds per image on one rank (default: measured here, 1 rank)")
     parser.add_argument("--dataset-size", type=int, default=1_281_167, help="training images (ImageNet-1k: 1,281,167)")
     parser.add_argument("--epochs", type=float, default=90)
-    parser.add_argument("--batches", type=_int_list, default=_int_list("256,8192,32768,65536"), help="global batches")
-    parser.add_argument("--nodes", type=_int_list, default=_int_list("1,16,64,256,1024,4096"), help="node counts")
+    parser.add_argument("--batches", type=int_list, default=int_list("256,8192,32768,65536"), help="global batches")
+    parser.add_argument("--nodes", type=int_list, default=int_list("1,16,64,256,1024,4096"), help="node counts")
     parser.add_argument("--ranks-per-node", type=int, default=1)
     parser.add_argument("--network", type=parse_network, default=parse_network("edr"),
                         help=f"preset ({', '.join(NETWORKS)}) or alpha=1.5e-6,beta=8e-11 (default edr)")

@@ -39,21 +39,17 @@ COLUMNS = ("ranks", "oversubscribed", "global_batch", "measured_step_s", "predic
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist_cnn.toml"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of rank counts: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"rank counts must be >= 1, got {text!r}")
-    return sorted(set(values))
+def _rank_counts(text: str) -> list[int]:
+    from hpcdl.projection import int_list
+
+    return sorted(set(int_list(text)))
 
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="hpcdl scaling sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--ranks", type=_int_list, default=_int_list("1,2,3,4"), help="rank counts (default 1,2,3,4)")
+    parser.add_argument("--ranks", type=_rank_counts, default=_rank_counts("1,2,3,4"), help="rank counts (default 1,2,3,4)")
     parser.add_argument("--model", default="fmnist_cnn")
     parser.add_argument("--per-rank-batch", type=int, default=64)
     parser.add_argument("--mode", choices=("weak", "strong"), default="weak",

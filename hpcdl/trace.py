@@ -54,6 +54,7 @@ class Tracer:
         self.rank, self.first, self.last = int(rank), int(first), int(last)
         self.clock = clock or default_clock()
         self.events: list[tuple] = []  # (name, category, track, start_s, end_s, args)
+        self.offsets: list[float] = [0.0]  # every rank's clock minus rank 0's (`clock_offsets`)
         self.recording = False
         self._open: dict[int, list[tuple[str, str, float, dict]]] = {}
 
@@ -99,6 +100,17 @@ class Tracer:
         finally:
             self.end(track)
 
+    def record_buckets(self, reducer) -> None:
+        """Each bucket's allreduce of the step just finished (`BucketReducer.timeline`, on this tracer's
+        clock), from its start during backward to its completion, on the bucket's own track."""
+        if not self.recording:
+            return
+        itemsize = reducer.arena.dtype.itemsize
+        for index, start, end in reducer.timeline:
+            bucket = reducer.buckets[index]
+            self.complete(f"bucket {index}", "allreduce", start, end, track=BUCKET_TRACK_BASE + index,
+                          args={"bytes": bucket.size * itemsize, "tensors": len(bucket.segments)})
+
     def phase(self, name: str | None) -> None:
         """Switch the current phase inside the open step: closes the previous phase span."""
         if not self.recording:
@@ -115,6 +127,7 @@ class NullTracer:
 
     enabled = recording = False
     clock = staticmethod(time.perf_counter)
+    offsets: tuple = ()
 
     def __getattr__(self, name):
         return _nothing
@@ -125,6 +138,18 @@ class NullTracer:
 
 def _nothing(*args, **kwargs):
     return None
+
+
+def for_run(trace_steps, trace_file: str, world, total_steps: int):
+    """The trainer's tracer: a Tracer of `trace_steps` ([1, 20] when only a file is given), clamped to the
+    run, with the ranks' clock offsets measured (collective); a NullTracer when no timeline was asked for."""
+    if not trace_steps and not trace_file:
+        return NullTracer()
+    first, last = trace_steps or (1, 20)
+    tracer = Tracer(world.rank, min(first, total_steps), min(last, total_steps))
+    if world.size > 1:
+        tracer.offsets = clock_offsets(world.mpi_comm, tracer.clock)
+    return tracer
 
 
 # -- clocks -----------------------------------------------------------------------------------

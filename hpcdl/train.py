@@ -71,7 +71,6 @@ class Run:
     total_steps: int
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     tracer: object = field(default_factory=trace.NullTracer)  # hpcdl.trace.Tracer when a timeline is asked for
-    clock_offsets: list = field(default_factory=list)  # each rank's clock minus rank 0's, for the timeline
     injected: dict = field(default_factory=dict)  # HPCDL_FAULT_INJECT steps, for the test suite
 
     @property
@@ -163,10 +162,10 @@ def _setup(config: Config, out_dir: Path) -> Run:
     schedule = optim.build_schedule(config.schedule, global_batch=train_cfg.global_batch,
                                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    tracer, offsets = _tracer(config, world, total_steps)
+    tracer = trace.for_run(list(config.log.trace_steps), config.log.trace_file, world, total_steps)
     reducer.clock = tracer.clock  # bucket start and completion times on the timeline's clock
     return Run(
-        tracer=tracer, clock_offsets=offsets,
+        tracer=tracer,
         config=config, world=world, data=data, loader=loader, model=model, arena=arena, reducer=reducer,
         optimizer=optimizer, schedule=schedule,
         checkpoints=checkpoint.CheckpointManager(out_dir / "checkpoints", keep=config.checkpoint.keep,
@@ -331,7 +330,7 @@ def _train_step(r: Run, step: int, lr: float):
     rank_stats[CHECKPOINT_VOTE] = float(r.checkpoint_clock.local_vote(step + 1, time.monotonic()))
     with _waiting(r, "gradient allreduce"):
         r.reducer.finish()
-        _trace_buckets(r)
+        r.tracer.record_buckets(r.reducer)
         r.world.allreduce(rank_stats, op="sum")
 
     r.timer.switch("optimizer")
@@ -487,34 +486,12 @@ def _window_phases(r: Run, wall_s: float) -> tuple[dict, dict, float]:
             {n: round(float(v), 4) for n, v in zip(names, slowest)}, round(float(slowest[-1]), 4))
 
 
-def _tracer(config: Config, world, total_steps: int):
-    """A Tracer and the ranks' clock offsets when a timeline was asked for, else a NullTracer."""
-    steps = list(config.log.trace_steps)
-    if not steps and not config.log.trace_file:
-        return trace.NullTracer(), []
-    first, last = steps or (1, 20)
-    first, last = min(first, total_steps), min(last, total_steps)
-    offsets = trace.clock_offsets(world.mpi_comm) if world.size > 1 else [0.0]
-    return trace.Tracer(world.rank, first, last), offsets
-
-
-def _trace_buckets(r: Run) -> None:
-    """Each bucket's allreduce, from its start (during backward) to its completion, on its own track."""
-    if not r.tracer.recording:
-        return
-    itemsize = r.arena.dtype.itemsize
-    for index, start, end in r.reducer.timeline:
-        bucket = r.reducer.buckets[index]
-        r.tracer.complete(f"bucket {index}", "allreduce", start, end, track=trace.BUCKET_TRACK_BASE + index,
-                          args={"bytes": bucket.size * itemsize, "tensors": len(bucket.segments)})
-
-
 def _write_trace(r: Run):
     """Gather the timeline to rank 0 and write it (collective); its path on rank 0, else None."""
     if not r.tracer.enabled:
         return None
     path = Path(r.config.log.trace_file) if r.config.log.trace_file else r.out_dir / "trace.json"
-    return trace.write(r.world.mpi_comm, r.tracer, r.clock_offsets, path,
+    return trace.write(r.world.mpi_comm, r.tracer, r.tracer.offsets, path,
                        metadata={"model": r.config.model.name, "algorithm": r.world.name,
                                  "steps": [r.tracer.first, r.tracer.last], "world_size": r.world.size})
 
