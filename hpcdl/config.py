@@ -74,7 +74,7 @@ class TrainConfig:
 class OptimConfig:
     name: str = _key("sgd", "optimizer", choices=("sgd", "nesterov", "adamw", "lars", "lamb"))
     momentum: float = _key(0.9, "momentum of sgd/nesterov/lars", min=0.0, max=1.0)
-    weight_decay: float = _key(0.0, "L2 (sgd, lars) or decoupled (adamw, lamb) weight decay", min=0.0)
+    weight_decay: float = _key(0.0, "L2 (sgd, lars) or decoupled (adamw, lamb) weight decay; a config without it trains with none, unlike `optim.create`, whose defaults are the papers' (adamw, lamb 0.01; lars 1e-4)", min=0.0)
     betas: list = _key([0.9, 0.999], "Adam/LAMB moment decay rates [beta1, beta2]")
     eps: float = _key(0.0, "epsilon of adamw/lamb; 0 = the optimizer's own default, as `optim.create` has it: adamw 1e-8 (PyTorch), lamb 1e-6 (TF-addons); LARS keeps the MLPerf reference's 1e-7", min=0.0)
     trust_coefficient: float = _key(0.001, "LARS trust coefficient eta", min=0.0, min_exclusive=True)

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -382,19 +383,60 @@ def run_cell(cell: Cell, directory: Path, ranks: int, mpiexec: str, data_dir: st
     if ranks == 1:
         summary, error = _run_in_process(config_path, run_dir)
     else:
-        proc = subprocess.run(command, capture_output=True, text=True)
-        (directory / "stderr.txt").write_text(proc.stderr)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _RUNNING.append(proc)
+        try:
+            stdout, stderr = proc.communicate()
+        finally:
+            _RUNNING.remove(proc)
+        (directory / "stderr.txt").write_text(stderr)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
         if proc.returncode == 0 and lines:
             summary = json.loads(lines[-1])
         else:
-            errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-            error = (errors or proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+            error = (errors or stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     result = {"cell": asdict(cell), "name": cell.name, "status": _status(summary, error), "error": error,
               "summary": summary, "wall_s": round(time.perf_counter() - started, 2), "ranks": ranks,
               "schedule": schedule_of(cell)}
+    if error is None and summary is not None and summary.get("stopped_early"):
+        # A signal stopped the trainer at a checkpoint: the cell is unfinished, and recording it would put a
+        # partly trained cell into the results. Without result.json, --resume continues it from the checkpoint.
+        result["status"] = "stopped"
+        return result
     _write_json(directory / "result.json", result)
     return result
+
+
+# The cell launched under mpiexec, so that a signal sent to the study alone reaches the ranks too.
+_RUNNING: list = []
+
+
+class _StopRequest:
+    """SIGTERM/SIGUSR1 (Slurm's time limit, scancel, Ctrl-C's cousins) stop the study after the current cell.
+
+    An in-process cell installs the trainer's own handlers for its duration, which checkpoint and stop it at
+    the next step; a cell under mpiexec gets the signal forwarded. Either way the study then stops, writes its
+    state and says how to resume, instead of dying between files.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for proc in _RUNNING:
+            proc.send_signal(signum)
 
 
 def _run_in_process(config_path: Path, run_dir: Path):
@@ -480,19 +522,26 @@ def main(argv: list[str]) -> int:
                                                 "cells_to_run": len(todo)})
     _write_json(state_path, state)
     started = time.perf_counter()
-    for i, cell in enumerate(todo, 1):
-        result = run_cell(cell, out / "cells" / cell.name, args.ranks, args.mpiexec, args.data_dir,
-                          tuple(args.overrides))
-        done[cell.name] = result
-        estimate.record(cell, result["wall_s"])
-        remaining = sum(estimate(c) for c in todo[i:])
-        accuracy = (result["summary"] or {}).get("test_accuracy")
-        shown = f"{100 * accuracy:.2f}%" if accuracy is not None else "-"
-        print(f"[{i}/{len(todo)}] {cell.name}: {result['status']} {shown} in {result['wall_s']:.0f}s; "
-              f"remaining ~{_minutes(remaining)}", flush=True)
-        if i == min(len(todo), len({c.model for c in todo})):  # one cell of every model has run
-            state["estimates_s"][-1]["after_calibration"] = round(time.perf_counter() - started + remaining, 1)
-            _write_json(state_path, state)
+    with _StopRequest() as stop:
+        for i, cell in enumerate(todo, 1):
+            result = run_cell(cell, out / "cells" / cell.name, args.ranks, args.mpiexec, args.data_dir,
+                              tuple(args.overrides))
+            if result["status"] == "stopped" or stop.signum is not None:
+                name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal"
+                print(f"hpcdl study: stopped by {name} during cell {cell.name} ({i - 1} of {len(todo)} cells "
+                      f"finished this time); its checkpoint is kept; continue with the same command and --resume",
+                      file=sys.stderr, flush=True)
+                return 128 + (stop.signum or signal.SIGTERM)
+            done[cell.name] = result
+            estimate.record(cell, result["wall_s"])
+            remaining = sum(estimate(c) for c in todo[i:])
+            accuracy = (result["summary"] or {}).get("test_accuracy")
+            shown = f"{100 * accuracy:.2f}%" if accuracy is not None else "-"
+            print(f"[{i}/{len(todo)}] {cell.name}: {result['status']} {shown} in {result['wall_s']:.0f}s; "
+                  f"remaining ~{_minutes(remaining)}", flush=True)
+            if i == min(len(todo), len({c.model for c in todo})):  # one cell of every model has run
+                state["estimates_s"][-1]["after_calibration"] = round(time.perf_counter() - started + remaining, 1)
+                _write_json(state_path, state)
     state["estimates_s"][-1]["actual"] = round(time.perf_counter() - started, 1)
     _write_json(state_path, state)
     from hpcdl.study_report import write_outputs

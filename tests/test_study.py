@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -124,6 +126,43 @@ def test_resume_skips_finished_cells_and_bad_arguments_fail_at_once(tmp_path):
     assert typo.returncode == 2 and "train.epoch" in typo.stderr and len(typo.stderr.splitlines()) == 1
     ranks = _study("--grid", "standard", "--out", str(tmp_path / "r"), "--ranks", "3", "--plan")
     assert ranks.returncode == 2 and "--ranks 3: does not divide" in ranks.stderr
+
+
+def test_a_signal_stops_the_study_at_a_checkpoint_and_resume_finishes_the_cell(tmp_path):
+    """SIGTERM mid-cell (a batch system's time limit): the cell is not recorded as done, resume completes it."""
+    grid = tmp_path / "long.json"
+    grid.write_text(json.dumps({"models": {"mlp": {"batches": [32], "optimizers": ["lamb"], "epochs": 400,
+                                                   "seeds": 1}}}))
+    out = tmp_path / "study"
+    proc = subprocess.Popen([*HPCDL, "study", "large-batch", "--grid", str(grid), "--out", str(out), *TINY_SET],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        metrics = None
+        deadline = time.monotonic() + 120
+        while metrics is None and time.monotonic() < deadline and proc.poll() is None:
+            metrics = next(out.glob("cells/*/run/metrics.jsonl"), None)
+            time.sleep(0.05)
+        assert metrics is not None, "the cell never started"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    cell = metrics.parent.parent
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by" in stderr and "--resume" in stderr and cell.name in stderr
+    assert not (cell / "result.json").exists()
+    stopped = [json.loads(line) for line in metrics.read_text().splitlines() if '"stopped"' in line]
+    assert stopped and 0 < stopped[-1]["step"] < 400 * 8
+
+    resumed = _study("--grid", str(grid), "--out", str(out), "--resume", *TINY_SET)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "0 done, 1 to run" in resumed.stdout
+    result = json.loads((cell / "result.json").read_text())
+    assert result["status"] == "ok" and result["summary"]["steps"] == 400 * 8
+    assert not result["summary"]["stopped_early"]
 
 
 @pytest.mark.mpi
