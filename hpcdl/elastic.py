@@ -101,8 +101,9 @@ def is_process_failure(exc: BaseException | None, *holders) -> bool:
     """Whether `exc`, or what caused it (the progress thread wraps its errors), is a ULFM failure.
 
     `MPI_ERR_IN_STATUS` (from Waitall/Testall, whose per-request statuses we
-    do not keep) counts when a communicator reachable from `holders` knows of
-    a failed process: the request that failed was one to a dead peer.
+    do not keep) counts when a communicator reachable from `holders` is
+    revoked or knows of a failed process: the request that failed was one to
+    a dead peer, or was woken by a survivor's revoke.
     """
     if "mpi4py.MPI" not in sys.modules:
         return False
@@ -123,6 +124,8 @@ def is_process_failure(exc: BaseException | None, *holders) -> bool:
 
 def _knows_failure(comm) -> bool:
     try:
+        if comm.Is_revoked():
+            return True
         group = comm.Get_failed()
     except Exception:
         return False
