@@ -131,9 +131,12 @@ def run(config: Config, out: str | None = None, resume: str | None = None,
     out_dir = Path(out or Path("runs") / (Path(config_path).stem if config_path else config.model.name))
     r = _setup(config, out_dir)
     try:
-        return _train(r, started, resume, threads)
+        summary = _train(r, started, resume, threads)
     finally:
         r.close()
+    if r.failures:
+        elastic.end_without_finalize(r.world.mpi_comm)
+    return summary
 
 
 def _setup(config: Config, out_dir: Path) -> Run:
