@@ -137,7 +137,7 @@ def _knows_failure(comm) -> bool:
 
 # -- revoke, shrink, grow --------------------------------------------------------------------
 
-def communicators(obj, depth: int = 3) -> list:
+def communicators(obj, depth: int = 6) -> list:
     """Every live mpi4py intracommunicator reachable from `obj` through attributes, lists and dicts.
 
     The algorithms keep their own duplicates and sub-communicators (node and
@@ -185,6 +185,19 @@ def revoke_all(*objects) -> int:
             except Exception:
                 pass  # already revoked, or freed: nothing left to wake
     return count
+
+
+def settle(requests) -> None:
+    """Complete requests left behind by a failed reduction, once their communicators are revoked.
+
+    Until they complete, MPI may still write into their receive buffers; a
+    revoked communicator completes them (with an error) at once.
+    """
+    for request in requests:
+        try:
+            request.Wait()
+        except Exception:
+            pass  # the error is the point: it was in flight on a revoked communicator
 
 
 def shrink(comm):

@@ -91,6 +91,7 @@ class Run:
     injected: dict = field(default_factory=dict)  # HPCDL_FAULT_INJECT steps, for the test suite and drills
     phase: str = "start"  # where this rank is, for the failure log
     failures: list = field(default_factory=list)  # elastic.Failure records, in order
+    graveyard: list = field(default_factory=list)  # worlds broken by a failure, kept so their buffers stay valid
     evaluations: int = 0
     start_size: int = 0
     replacement: Loop | None = None  # set in a spawned replacement until it has joined
@@ -455,6 +456,13 @@ def _train_step(r: Run, loop: Loop) -> None:
             _arm(r.world, faults.KillInSchedule(f"in the stats allreduce of step {step + 1}", blocking=True))
         r.world.allreduce(rank_stats, op="sum")
 
+    if r.fault_tolerance != "abort":
+        # Agree before apply: ULFM's agreement fails on every survivor alike when any rank of the
+        # world has died, so either all update or none does. Without it a reduction can end
+        # without a peer's data (seen here: Open MPI let a 3-rank ring finish a step after a
+        # rank's death, 1 run in 6 under load), and survivors would apply a partial gradient.
+        _mark(r, step, "agree")
+        elastic.agree(r.world.mpi_comm)
     r.timer.switch("optimizer")
     _mark(r, step, "optimizer")
     # Past the last communication of the step: from here to `loop.step += 1` nothing can fail on a peer.
@@ -501,7 +509,7 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
                              detected_at=detected, mode=r.fault_tolerance,
                              error=guard._one_line(exc, 160))
     elastic.revoke_all(r.world, r.watchdog, old)  # wakes every survivor still blocked on any of them
-    _disconnect(r, broken=True)
+    _abandon(r)
     while True:  # another rank may die while we recover: shrink again
         try:
             new = elastic.shrink(old)
@@ -517,7 +525,7 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
             if not elastic.is_process_failure(again, r.world, new):
                 raise
             elastic.revoke_all(r.world, new)
-            _disconnect(r, broken=True)
+            _abandon(r)
             old = new
     record.recovered_at = elastic.now()
     record.resumed_step = loop.step
@@ -527,6 +535,21 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
         r.progress.message(f"hpcdl: rank(s) {record.failed_ranks} of {old_size} failed at step {record.step} "
                            f"({record.phase}); {record.mode}: continuing on {record.new_size} ranks from step "
                            f"{loop.step} after {1e3 * record.recovery_s:.1f} ms")
+
+
+def _abandon(r: Run) -> None:
+    """Stop the broken world's helpers and complete its requests in flight, so no late message can
+    land in a buffer the new world uses; the old objects are kept, never freed (freeing is collective)."""
+    from hpcdl.comm import base
+
+    reducer = r.reducer
+    _disconnect(r, broken=True)  # joins the progress thread first: then nobody else drives these handles
+    for handle in (reducer._pending if reducer is not None else ()):
+        if handle is not None:
+            handle.abandon()
+    requests, base.ABANDONED[:] = list(base.ABANDONED), []
+    elastic.settle(requests)
+    r.graveyard.append(r.world)
 
 
 def _agree(r: Run, loop: Loop) -> None:

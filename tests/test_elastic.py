@@ -194,7 +194,7 @@ def test_nothing_lost(tmp_path, uninterrupted, mode):
     got = summary_of(out)
     assert got["steps"] == STEPS and got["failures"] == 1
     assert got["world_size"] == (2 if mode == "shrink" else 3)
-    assert close(got["final_loss"], uninterrupted["final_loss"]), (got["final_loss"], uninterrupted["final_loss"])
+    assert close(got["final_loss"], uninterrupted["final_loss"]), (got, uninterrupted)
     assert close(got["param_norm"], uninterrupted["param_norm"]), (got["param_norm"], uninterrupted["param_norm"])
     record = got["failure_log"][0]
     assert record["failed_ranks"] == [1] and record["resumed_step"] == KILL_AT - 1

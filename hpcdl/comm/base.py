@@ -327,16 +327,35 @@ class Pending:
 
     def test(self) -> bool:
         Request = mpi().Request
-        while not self.done and (not self._requests or Request.Testall(self._requests)):
-            self._advance()
+        try:
+            while not self.done and (not self._requests or Request.Testall(self._requests)):
+                self._advance()
+        except BaseException:
+            self.abandon()
+            raise
         return self.done
 
     def wait(self) -> None:
         Request = mpi().Request
-        while not self.done:
-            if self._requests:
-                Request.Waitall(self._requests)
-            self._advance()
+        try:
+            while not self.done:
+                if self._requests:
+                    Request.Waitall(self._requests)
+                self._advance()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Give up on this reduction (a peer failed): its requests go to `ABANDONED` for recovery
+        to complete once the communicator is revoked (hpcdl.elastic.settle)."""
+        if not self.done:
+            ABANDONED.extend(self._requests)
+            self._requests, self.done = [], True
+
+
+# Requests of reductions given up after an MPI error: recovery settles them before reusing buffers.
+ABANDONED: list = []
 
 
 # -- bytes on the wire ------------------------------------------------------------
