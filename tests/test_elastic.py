@@ -249,3 +249,34 @@ def test_failure_site_recovers(tmp_path, uninterrupted, site):
         manager = CheckpointManager(tmp_path / "run" / "checkpoints", rank=0)
         steps = [step for step, path in manager.checkpoints() if manager.is_valid(path)]
         assert 2 in steps and steps[-1] == STEPS, steps  # step 2's is the one whose write was interrupted
+
+
+# -- jobs/: the ULFM launch scripts (dry runs; shellcheck is in tests/test_jobs.py) -------------------
+
+def dry_run(script, env, expect_rc=0):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "OMP_", "NUMBA_"))}
+    result = subprocess.run([str(ROOT / "jobs" / script)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**base, "DRY_RUN": "1", **env})
+    assert result.returncode == expect_rc, result.stderr
+    return result.stdout.splitlines() if expect_rc == 0 else [result.stderr.strip()]
+
+
+def test_mpirun_ulfm_launches_with_ft_and_the_mode():
+    line = dry_run("mpirun_ulfm.sh", {"MPI_FLAVOR": "openmpi", "NP": "3", "FT": "regrow"})[-1]
+    assert line.startswith("mpirun --with-ft ulfm ") and " -n 3 " in line
+    assert "--set comm.fault_tolerance=regrow" in line
+
+
+def test_ulfm_scripts_refuse_another_mpi_and_bad_modes_in_one_line():
+    [message] = dry_run("mpirun_ulfm.sh", {"MPI_FLAVOR": "hydra"}, expect_rc=2)
+    assert "ULFM needs Open MPI 5" in message
+    [message] = dry_run("mpirun_ulfm.sh", {"MPI_FLAVOR": "openmpi", "FT": "retry"}, expect_rc=2)
+    assert message == "mpirun_ulfm.sh: FT=retry: expected shrink or regrow"
+    [message] = dry_run("slurm_ulfm.sbatch", {"MPI_FLAVOR": "openmpi"}, expect_rc=2)
+    assert "submit this with sbatch" in message
+
+
+def test_slurm_ulfm_binds_each_rank_to_its_cpus():
+    lines = dry_run("slurm_ulfm.sbatch", {"MPI_FLAVOR": "openmpi", "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "6"})
+    assert lines[:2] == ["export OMP_NUM_THREADS=6", "export NUMBA_NUM_THREADS=6"]
+    assert lines[-1].startswith("mpirun --with-ft ulfm -n 4 --map-by slot:PE=6 --bind-to core")
