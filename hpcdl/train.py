@@ -95,6 +95,7 @@ class Run:
     evaluations: int = 0
     start_size: int = 0
     replacement: Loop | None = None  # set in a spawned replacement until it has joined
+    joined: bool = False  # this process is a spawned replacement
 
     @property
     def rank(self) -> int:
@@ -135,7 +136,7 @@ def run(config: Config, out: str | None = None, resume: str | None = None,
         summary = _train(r, started, resume, threads)
     finally:
         r.close()
-    if r.failures:
+    if r.failures or r.joined:  # a replacement ends like the survivors it joined
         elastic.end_without_finalize(r.world.mpi_comm)
     return summary
 
@@ -202,6 +203,7 @@ def _setup(config: Config, out_dir: Path) -> Run:
         r.injected = {kind: set() for kind in ("raise-at-step", "nan-grad-at-step", "kill-at-step",
                                                "kill-in-bucket", "kill-in-stats", "kill-in-eval")}
     r.replacement = Loop(step=-1, position=(0, 0), after=-1) if replacement else None
+    r.joined = replacement
     try:
         _connect(r, mpi_comm, r.replacement)
         if not replacement:
@@ -522,8 +524,13 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
             _connect(r, new, loop)
             break
         except Exception as again:
-            if not elastic.is_process_failure(again, r.world, new):
+            # Only a failure on the new world itself means another rank died during recovery.
+            if not elastic.is_process_failure(again, new):
                 raise
+            import sys
+
+            print(f"hpcdl: rank {new.Get_rank()}: recovery interrupted ({guard._one_line(again, 120)}); "
+                  "shrinking again", file=sys.stderr, flush=True)
             elastic.revoke_all(r.world, new)
             _abandon(r)
             old = new
