@@ -217,6 +217,7 @@ def spawn(comm, count: int, argv: list[str]):
     """Start `count` copies of this program and merge them after `comm`'s ranks; the merged intracomm."""
     MPI = _mpi()
     inter = comm.Spawn(sys.executable, args=list(argv), maxprocs=int(count), root=0)
+    _INTERCOMMS.append(inter)
     merged = inter.Merge(high=False)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     return merged
@@ -225,9 +226,16 @@ def spawn(comm, count: int, argv: list[str]):
 def join_parent():
     """In a spawned replacement: the merged communicator with the survivors (they come first)."""
     MPI = _mpi()
-    merged = parent().Merge(high=True)
+    inter = parent()
+    _INTERCOMMS.append(inter)
+    merged = inter.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     return merged
+
+
+# Intercommunicators to spawned replacements or to the parent job: disconnected at the end, so the
+# replacements' MPI_Finalize does not wait for the parents.
+_INTERCOMMS: list = []
 
 
 def newest(comm, key: tuple) -> tuple[int, tuple]:
@@ -261,6 +269,14 @@ def end_without_finalize(comm) -> None:
     import atexit
 
     agree(comm)
+    replacement = parent() is not None
+    for inter in _INTERCOMMS:
+        try:
+            inter.Disconnect()
+        except Exception:
+            pass  # an intercomm that lost its other side: nothing to wait for
+    if replacement:
+        return  # a replacement's own job lost nobody: it finalizes normally
 
     def leave():
         for stream in (sys.stdout, sys.stderr):

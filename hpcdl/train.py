@@ -635,6 +635,8 @@ def _evaluate(r: Run) -> dict:
             if dies:
                 faults.kill_self(f"in evaluation {r.evaluations}, after its first batch")
         r.world.allreduce(totals, op="sum")
+        if r.fault_tolerance != "abort":  # as before an update: a sum that missed a dead rank is never used
+            elastic.agree(r.world.mpi_comm)
     finally:  # a failure mid-evaluation must not leave the model in eval mode for the redone step
         r.model.train()
     return {"test_loss": totals[0] / max(totals[2], 1), "test_accuracy": totals[1] / max(totals[2], 1),
