@@ -61,7 +61,7 @@ def ulfm_status(environ=None) -> tuple[bool, str]:
     """(whether this run can survive a dead rank, a few words saying why or why not)."""
     environ = os.environ if environ is None else environ
     MPI = _mpi()
-    library = MPI.Get_library_version().split("\n")[0].strip()
+    library = " ".join(MPI.Get_library_version().split("\n")[0].split())
     if "Open MPI" not in library:
         return False, f"the MPI library is {library.split(',')[0]!r}, which has no ULFM"
     if not all(hasattr(MPI.Comm, name) for name in ("Revoke", "Shrink", "Agree")):
