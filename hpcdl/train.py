@@ -57,6 +57,10 @@ from hpcdl.layers import attach_sync_batchnorm, count_correct, softmax_cross_ent
 from hpcdl.layers.dropout import key_dropout
 from hpcdl.metrics import MetricsLog, PhaseTimer, Progress, plot_layer_stats, plot_run
 
+# Seconds a recovery from a dead rank may take before the job is aborted instead (spawning and
+# loading data in a replacement included; a shrink takes milliseconds).
+RECOVERY_TIMEOUT_S = 60.0
+
 # Positions in the small per-step stats vector that rides one allreduce.
 LOSS, CORRECT, SAMPLES, STOP_VOTE, CHECKPOINT_VOTE = range(5)
 
@@ -510,6 +514,15 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
     record = elastic.Failure(step=loop.step + 1, phase=r.phase, failed_ranks=[], old_size=old_size, new_size=0,
                              detected_at=detected, mode=r.fault_tolerance,
                              error=guard._one_line(exc, 160))
+    # A recovery that does not finish (seen about once in 60 test runs: one survivor in MPI_Comm_shrink
+    # while another had left it for the next step's MPI_Comm_dup) ends the job instead of hanging it.
+    import threading
+
+    deadline = threading.Timer(RECOVERY_TIMEOUT_S, guard.abort, args=(
+        f"comm.fault_tolerance: recovery from the failure at step {loop.step + 1} did not finish in "
+        f"{RECOVERY_TIMEOUT_S:.0f} s; resume from the last checkpoint with --resume auto", 1))
+    deadline.daemon = True
+    deadline.start()
     elastic.revoke_all(r.world, r.watchdog, old)  # wakes every survivor still blocked on any of them
     _abandon(r)
     while True:  # another rank may die while we recover: shrink again
@@ -534,6 +547,7 @@ def _recover_or_raise(r: Run, loop: Loop, exc: BaseException) -> None:
             elastic.revoke_all(r.world, new)
             _abandon(r)
             old = new
+    deadline.cancel()
     record.recovered_at = elastic.now()
     record.resumed_step = loop.step
     r.failures.append(record)
