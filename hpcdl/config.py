@@ -118,6 +118,10 @@ class CommConfig:
     pipeline_depth: int = _key(2, "reduce pieces in flight per step; 1 = not pipelined", min=1)
     sync_batchnorm: bool = _key(False, "batch-norm statistics over the global batch (allreduce of the sums)")
     stall_timeout_s: float = _key(60.0, "report ranks that have not arrived after waiting this long in a collective; 0 = off", min=0.0)
+    fault_tolerance: str = _key("abort", "what a dead rank does: 'abort' ends the job fast (restart from a checkpoint); "
+                                "'shrink' continues on the survivors, 'regrow' also spawns replacements up to the "
+                                "original size; both need Open MPI 5 launched with `mpirun --with-ft ulfm` "
+                                "(docs/fault-tolerance.md)", choices=("abort", "shrink", "regrow"))
 
 
 @dataclass

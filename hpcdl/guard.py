@@ -457,8 +457,13 @@ class StallWatchdog:
         stream.flush()
 
     # -- shutdown ---------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the thread, settle outstanding messages and free the side communicator."""
+    def close(self, abandon: bool = False) -> None:
+        """Stop the thread, settle outstanding messages and free the side communicator.
+
+        `abandon`: a peer died and the side communicator is revoked (ULFM):
+        stop the thread and leave the communicator alone, since freeing it
+        would need the dead peer.
+        """
         if self._closed:
             return
         self._closed = True
@@ -467,7 +472,7 @@ class StallWatchdog:
             return
         self._stop.set()
         self._thread.join(timeout=self.answer_wait_s + self.poll_s + 5.0)
-        if self._thread.is_alive() or _live_mpi() is None:
+        if abandon or self._thread.is_alive() or _live_mpi() is None:
             return  # never touch MPI under a thread that may still use it, or after finalise
         try:
             self._pump()  # answer late queries and drop late answers, so nothing stays queued

@@ -61,7 +61,8 @@ def test_every_script_is_covered_by_a_dry_run_test():
     sourced = {"binding.sh", "restart_common.sh"}
     assert {p.name for p in SCRIPTS} - sourced == {
         "mpirun_fmnist.sh", "mpirun_xeon.sh", "slurm_train.sbatch", "pbs_train.pbs", "scaling_study.sh",
-        "restart_mpirun.sh", "restart_srun.sh", "study_full.sh"}
+        "restart_mpirun.sh", "restart_srun.sh", "study_full.sh",
+        "mpirun_ulfm.sh", "slurm_ulfm.sbatch"}  # the ULFM two: dry runs in tests/test_elastic.py
 
 
 # -- one machine --------------------------------------------------------------------------

@@ -327,16 +327,35 @@ class Pending:
 
     def test(self) -> bool:
         Request = mpi().Request
-        while not self.done and (not self._requests or Request.Testall(self._requests)):
-            self._advance()
+        try:
+            while not self.done and (not self._requests or Request.Testall(self._requests)):
+                self._advance()
+        except BaseException:
+            self.abandon()
+            raise
         return self.done
 
     def wait(self) -> None:
         Request = mpi().Request
-        while not self.done:
-            if self._requests:
-                Request.Waitall(self._requests)
-            self._advance()
+        try:
+            while not self.done:
+                if self._requests:
+                    Request.Waitall(self._requests)
+                self._advance()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """Give up on this reduction (a peer failed): its requests go to `ABANDONED` for recovery
+        to complete once the communicator is revoked (hpcdl.elastic.settle)."""
+        if not self.done:
+            ABANDONED.extend(self._requests)
+            self._requests, self.done = [], True
+
+
+# Requests of reductions given up after an MPI error: recovery settles them before reusing buffers.
+ABANDONED: list = []
 
 
 # -- bytes on the wire ------------------------------------------------------------
@@ -396,6 +415,8 @@ class Communicator:
     """
 
     name = "base"
+    # A fault drill armed by the trainer (hpcdl.faults.KillInSchedule); None outside drills.
+    fault = None
 
     def __init__(self, mpi_comm=None, piece_kb: int | None = None, pipeline_depth: int | None = None):
         MPI = mpi()
@@ -461,7 +482,7 @@ class Communicator:
     def _start_checked(self, buf, op: str, tag: int, blocking: bool) -> Pending:
         finish = self._mean_finisher(buf) if op == "mean" else None
         if is_host(buf):
-            return Pending(self._schedule(buf, tag, blocking), finish)
+            return Pending(self._steps(buf, tag, blocking), finish)
 
         from hpcdl.comm import gpu
 
@@ -469,7 +490,7 @@ class Communicator:
             # Once per reduction: backward's kernels that wrote `buf` must be done before MPI
             # reads it. Later fences come only after the schedule's own additions (per step).
             fence(buf)
-            return Pending(self._schedule(buf, tag, blocking), finish)
+            return Pending(self._steps(buf, tag, blocking), finish)
         host = self._pinned(tag, buf)
         gpu.download(buf, host)
 
@@ -478,7 +499,14 @@ class Communicator:
             if finish is not None:
                 finish()
 
-        return Pending(self._schedule(host, tag, blocking), upload_then_finish)
+        return Pending(self._steps(host, tag, blocking), upload_then_finish)
+
+    def _steps(self, buf, tag: int, blocking: bool) -> Schedule:
+        steps = self._schedule(buf, tag, blocking)
+        if self.fault is None:
+            return steps
+        fault, self.fault = self.fault, None  # fires once
+        return fault.wrap(steps, blocking)
 
     def _mean_finisher(self, buf) -> Callable[[], None]:
         # One division at the end, of bits that are already identical on every rank.

@@ -19,6 +19,12 @@ one step's parts is the same global batch, so a run on P ranks takes the
 optimizer step on the same samples as a run on one rank; only the
 floating-point summation order differs.
 
+After a rank failure (`comm.fault_tolerance`, hpcdl/elastic.py) the survivors
+keep the global batch, which the new world size need not divide: a sampler
+made with `uneven=True` cuts it into parts that differ by at most one sample
+(the same `part_bounds`), and the loss is still normalised by the global count,
+so the step's summed gradient is the same global mean.
+
 The position of a sample inside its global batch (not its rank or micro-step)
 is what seeds its augmentation, which keeps augmentation invariant to P too.
 
@@ -60,12 +66,13 @@ class ShardedSampler:
     """
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
-                 accumulate_steps: int = 1, drop_last: bool = True, shuffle: bool = True):
+                 accumulate_steps: int = 1, drop_last: bool = True, shuffle: bool = True,
+                 uneven: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if accumulate_steps < 1:
             raise ConfigError(f"train.accumulate_steps = {accumulate_steps}: must be ≥ 1")
-        if global_batch < 1 or global_batch % (world_size * accumulate_steps):
+        if global_batch < 1 or (global_batch % (world_size * accumulate_steps) and not uneven):
             raise ConfigError(
                 f"train.global_batch = {global_batch} is not a multiple of world_size × accumulate_steps = "
                 f"{world_size} × {accumulate_steps} = {world_size * accumulate_steps}")
@@ -82,7 +89,9 @@ class ShardedSampler:
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.shuffle = bool(shuffle)
-        self.micro_batch = self.global_batch // (self.world_size * self.accumulate_steps)
+        self.uneven = bool(uneven)
+        # the largest part: with uneven parts some hold one sample fewer
+        self.micro_batch = -(-self.global_batch // (self.world_size * self.accumulate_steps))
         self.epoch = 0
         self.step_in_epoch = 0
         # ((epoch, permutation), ...) of the last two epochs used, replaced as one tuple so worker
