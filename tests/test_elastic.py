@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,9 @@ def run_group(command, *, timeout=90, env=None):
     return proc.returncode, out, err, time.monotonic() - started
 
 
+RECOVERY_STALL = "did not finish in"
+
+
 def train(out: Path, *extra, ranks=3, victim=None, fault=None, ft=True, timeout=90):
     """`mpirun --with-ft ulfm` (or MPICH's mpiexec) of `hpcdl train`; `fault` set on rank `victim` only."""
     hpcdl = [str(BIN / "hpcdl"), "train", *COMMON, "--out", str(out), *extra]
@@ -79,7 +84,15 @@ def train(out: Path, *extra, ranks=3, victim=None, fault=None, ft=True, timeout=
         if victim + 1 < ranks:
             parts += [":", "-n", str(ranks - victim - 1), *hpcdl]
         command = [*launcher, *parts]
-    return run_group(command, timeout=timeout)
+    result = run_group(command, timeout=timeout)
+    if result[0] != 0 and RECOVERY_STALL in result[2]:
+        # The known, rare Open MPI stall inside MPI_Comm_shrink (docs/fault-tolerance.md): the trainer's
+        # deadline ended that run with its line. One retry from scratch keeps CI meaningful; a second stall
+        # fails the test.
+        warnings.warn(f"recovery stalled (retrying once): {out}")
+        shutil.rmtree(out, ignore_errors=True)
+        result = run_group(command, timeout=timeout)
+    return result
 
 
 def summary_of(out: str) -> dict:
