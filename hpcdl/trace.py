@@ -56,7 +56,7 @@ class Tracer:
         self.events: list[tuple] = []  # (name, category, track, start_s, end_s, args)
         self.offsets: list[float] = [0.0]  # every rank's clock minus rank 0's (`clock_offsets`)
         self.recording = False
-        self._open: dict[int, list[tuple[str, str, float, dict]]] = {}
+        self._open: dict[int, list[tuple[str, str, float, dict, float]]] = {}
 
     # -- what the trainer calls -----------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -74,12 +74,15 @@ class Tracer:
         """Open a span on `track`; spans on one track nest (a stack per track)."""
         if self.recording:
             self._open.setdefault(track, [])
-            self._open[track].append((name, category, self.clock(), args or {}))
+            self._open[track].append((name, category, self.clock(), args or {}, time.process_time()))
 
     def end(self, track: int = STEP_TRACK) -> None:
         stack = self._open.get(track)
         if self.recording and stack:
-            name, category, start, args = stack.pop()
+            name, category, start, args, cpu = stack.pop()
+            # CPU seconds of the whole process (every thread) during the span: with ranks
+            # time-sharing cores, wall time minus this is the time the rank waited for a core
+            args = dict(args, cpu_s=round(time.process_time() - cpu, 6))
             self.events.append((name, category, track, start, self.clock(), args))
 
     def close_track(self, track: int) -> None:
