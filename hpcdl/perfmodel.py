@@ -238,3 +238,45 @@ def predict_step_time(P: int, compute_s: float, grad_bytes: float, algorithm: st
     comm_s = allreduce_time(algorithm, grad_bytes, P, costs)
     hidden = min(max(0.0, min(1.0, overlap)) * comm_s, compute_s)
     return compute_s + comm_s - hidden
+
+
+# -- ranks that time-share cores ----------------------------------------------------------------
+
+def core_occupancy(p: int, cores: int) -> list[int]:
+    """Ranks on each core when p ranks spread as evenly as the scheduler can: p mod cores cores hold one more."""
+    p, cores = int(p), max(1, int(cores))
+    base, extra = divmod(p, cores)
+    return [base + 1] * extra + [base] * (cores - extra)
+
+
+def shared_core_pace(p: int, cores: int, mean_wall_s: float, mean_cpu_s: float) -> tuple[float, float]:
+    """(seconds per step the slowest rank computes, pinned weight) for p ranks time-sharing `cores` cores.
+
+    A synchronous step waits for the slowest rank of *that step*; per-rank means
+    understate it when the slow ranks change from step to step. Two limits,
+    from ranks ÷ cores alone:
+
+    * pinned: within a step each rank stays on its core. A core holding k_j ranks
+      stretches each of them k_j-fold, so with CPU seconds c per rank the mean
+      wall compute is c·Σk_j²/p while the step waits for ceil(p/cores)·c;
+    * fair: the scheduler moves ranks within the step, every rank gets
+      cores/p of a core, and every rank's wall compute is (p/cores)·c: the
+      mean is the maximum.
+
+    The measured stretch (mean wall ÷ mean CPU seconds of compute per rank)
+    places the run between the two: weight w = 0 at p/cores, 1 at Σk_j²/p,
+    clipped. The pace is the measured mean wall compute times
+    1 + w·(ceil(p/cores)·p/Σk_j² - 1), the pinned limit's max ÷ mean. Nothing is fitted: when cores divide p
+    (or p <= cores) the limits coincide and the pace is the mean wall compute;
+    stretch beyond either limit (context switches, caches refilled after each)
+    is in the measured wall time and carried along.
+    """
+    k = core_occupancy(p, cores)
+    fair = p / max(1, int(cores))
+    pinned_mean = sum(x * x for x in k) / p
+    busiest = max(k)
+    if pinned_mean <= fair + 1e-12 or mean_cpu_s <= 0:
+        return float(mean_wall_s), 0.0
+    stretch = mean_wall_s / mean_cpu_s
+    weight = min(1.0, max(0.0, (stretch - fair) / (pinned_mean - fair)))
+    return float(mean_wall_s) * (1.0 + weight * (busiest / pinned_mean - 1.0)), weight
