@@ -162,7 +162,8 @@ def _setup(config: Config, out_dir: Path) -> Run:
     schedule = optim.build_schedule(config.schedule, global_batch=train_cfg.global_batch,
                                     steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
-    tracer = trace.for_run(list(config.log.trace_steps), config.log.trace_file, world, total_steps)
+    tracer = trace.for_run(list(config.log.trace_steps), config.log.trace_file, world, total_steps,
+                           layers=model if config.log.trace_layers else None)
     reducer.clock = tracer.clock  # bucket start and completion times on the timeline's clock
     return Run(
         tracer=tracer,
