@@ -149,6 +149,8 @@ class LogConfig:
     trace_steps: list = _key([], "[first, last]: write a Chrome-trace timeline of these steps (1-based), one track "
                              "per rank (docs/scaling.md); [] = off unless --trace FILE, which traces [1, 20]")
     trace_file: str = _key("", "where the timeline goes (--trace FILE); empty = <run directory>/trace.json")
+    trace_layers: bool = _key(False, "the timeline also gets every layer's forward and backward, nested in the "
+                              "step's phases (traced steps only; needs log.trace_steps or --trace)")
 
 
 @dataclass
@@ -274,6 +276,9 @@ def _check_relations(config: Config, source: str):
     if steps and not (len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
                       and 1 <= steps[0] <= steps[1]):
         raise ConfigError(f"{source}: log.trace_steps: expected [] or [first, last] with 1 <= first <= last, got {steps!r}")
+    if config.log.trace_layers and not (steps or config.log.trace_file):
+        raise ConfigError(f"{source}: log.trace_layers: no timeline to put the layers on; set log.trace_steps "
+                          "or pass --trace FILE")
     train = config.train
     if train.global_batch % train.accumulate_steps:
         raise ConfigError(

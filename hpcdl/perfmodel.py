@@ -8,8 +8,21 @@ p' = 2^floor(log2 p) and a fold f = 1 when p is not a power of two:
     ring                2(p-1)·α + 2(p-1)/p·nβ + (p-1)/p·nγ
     recursive_doubling  (log2 p' + 2f)·α + (log2 p' + 2f)·nβ + (log2 p' + f)·nγ
     rabenseifner        (2 log2 p' + 2f)·α + (2(p'-1)/p' + 2f)·nβ + ((p'-1)/p' + f)·nγ
-    hierarchical        binomial reduce + bcast in a node of k ranks, ring over p/k leaders
+    hierarchical, p = m·k (m nodes of k ranks, as `hpcdl.comm.hierarchical` runs it):
+                        ring reduce-scatter in the node, ring allreduce of the n/k shard across
+                        the m nodes, ring allgather in the node:
+                        (2(k-1) + 2(m-1))·α + 2(p-1)/p·nβ + (p-1)/p·nγ
+    hierarchical, k ∤ p (nodes of unequal size): binomial reduce onto a leader, ring over
+                        the m = ceil(p/k) leaders, binomial broadcast; d = ceil(log2 k):
+                        (2d + 2(m-1))·α + (2d + 2(m-1)/m)·nβ + (d + (m-1)/m)·nγ
     native              modelled as rabenseifner (MPICH's and Open MPI's large-message choice)
+
+The β coefficient is the bytes on the critical path, which is what each rank
+sends and receives at once in every step (full-duplex links) except in the
+fold: there the extra rank's receive and its send-back are two one-way
+steps. `wire_bytes` gives what one rank itself sends and receives, which
+`comm.traffic` counts; tests/test_perfmodel*.py hold both against hand-worked
+costs and against the communicators.
 
 `fit` finds α and β (and γ when the samples can tell it apart) by least
 squares on relative error, so 4 KiB and 100 MiB points weigh alike.
@@ -72,9 +85,60 @@ def coefficients(algorithm: str, nbytes: float, p: int, ranks_per_node: int = 1)
     if algorithm == "hierarchical":
         k = max(1, min(int(ranks_per_node), p))
         nodes = -(-p // k)
+        if p % k == 0:
+            # the sharded form: every rank drives its own n/k shard across the nodes
+            a_in, b_in, c_in = coefficients("ring", n, k)
+            a_x, b_x, c_x = coefficients("ring", n / k, nodes)
+            return a_in + a_x, b_in + b_x, c_in + c_x
         depth = math.ceil(math.log2(k)) if k > 1 else 0
         ring = coefficients("ring", n, nodes)
         return 2 * depth + ring[0], 2 * depth * n + ring[1], depth * n + ring[2]
+    raise ValueError(f"no cost model for algorithm {algorithm!r}; modelled: {MODELLED}")
+
+
+def wire_bytes(algorithm: str, nbytes: float, p: int, rank: int, ranks_per_node: int = 1) -> tuple[float, float]:
+    """(sent, received) bytes of rank `rank` in one allreduce of `nbytes` over `p` ranks, as the schedules
+    in `hpcdl.comm` post them (`comm.traffic` counts the same; exact when p divides the element count).
+
+    Ranks of a hierarchical run sit in nodes of `ranks_per_node` consecutive ranks, as with
+    `comm.ranks_per_node`; the last node is smaller when it does not divide p.
+    """
+    n, p, rank = float(nbytes), int(p), int(rank)
+    if not 0 <= rank < p:
+        raise ValueError(f"rank {rank} is outside 0..{p - 1}")
+    if p == 1 or n == 0:
+        return 0.0, 0.0
+    if algorithm == "ring":
+        return 2 * (p - 1) / p * n, 2 * (p - 1) / p * n
+    if algorithm in ("recursive_doubling", "rabenseifner", "native"):
+        group, _ = _power_of_two_below(p)
+        rem = p - group
+        inside = math.log2(group) * n if algorithm == "recursive_doubling" else 2 * (group - 1) / group * n
+        if rank < 2 * rem and rank % 2 == 0:
+            return n, n  # folded out: its vector goes up, the sum comes back
+        if rank < 2 * rem:
+            return inside + n, inside + n  # the partner that folds it in and sends the sum back
+        return inside, inside
+    if algorithm == "hierarchical":
+        k = max(1, min(int(ranks_per_node), p))
+        if p % k == 0:
+            return 2 * (p - 1) / p * n, 2 * (p - 1) / p * n
+        nodes = -(-p // k)
+        size = k if rank // k < nodes - 1 else p - (nodes - 1) * k
+        q = rank % k
+        sent = received = 0.0
+        mask = 1
+        while mask < size:  # binomial reduce onto local rank 0, then its mirror image, the broadcast
+            if q & mask:
+                sent, received = sent + n, received + n
+                break
+            if q + mask < size:
+                sent, received = sent + n, received + n
+            mask <<= 1
+        if q == 0:
+            ring = 2 * (nodes - 1) / nodes * n
+            sent, received = sent + ring, received + ring
+        return sent, received
     raise ValueError(f"no cost model for algorithm {algorithm!r}; modelled: {MODELLED}")
 
 
@@ -174,3 +238,45 @@ def predict_step_time(P: int, compute_s: float, grad_bytes: float, algorithm: st
     comm_s = allreduce_time(algorithm, grad_bytes, P, costs)
     hidden = min(max(0.0, min(1.0, overlap)) * comm_s, compute_s)
     return compute_s + comm_s - hidden
+
+
+# -- ranks that time-share cores ----------------------------------------------------------------
+
+def core_occupancy(p: int, cores: int) -> list[int]:
+    """Ranks on each core when p ranks spread as evenly as the scheduler can: p mod cores cores hold one more."""
+    p, cores = int(p), max(1, int(cores))
+    base, extra = divmod(p, cores)
+    return [base + 1] * extra + [base] * (cores - extra)
+
+
+def shared_core_pace(p: int, cores: int, mean_wall_s: float, mean_cpu_s: float) -> tuple[float, float]:
+    """(seconds per step the slowest rank computes, pinned weight) for p ranks time-sharing `cores` cores.
+
+    A synchronous step waits for the slowest rank of *that step*; per-rank means
+    understate it when the slow ranks change from step to step. Two limits,
+    from ranks ÷ cores alone:
+
+    * pinned: within a step each rank stays on its core. A core holding k_j ranks
+      stretches each of them k_j-fold, so with CPU seconds c per rank the mean
+      wall compute is c·Σk_j²/p while the step waits for ceil(p/cores)·c;
+    * fair: the scheduler moves ranks within the step, every rank gets
+      cores/p of a core, and every rank's wall compute is (p/cores)·c: the
+      mean is the maximum.
+
+    The measured stretch (mean wall ÷ mean CPU seconds of compute per rank)
+    places the run between the two: weight w = 0 at p/cores, 1 at Σk_j²/p,
+    clipped. The pace is the measured mean wall compute times
+    1 + w·(ceil(p/cores)·p/Σk_j² - 1), the pinned limit's max ÷ mean. Nothing is fitted: when cores divide p
+    (or p <= cores) the limits coincide and the pace is the mean wall compute;
+    stretch beyond either limit (context switches, caches refilled after each)
+    is in the measured wall time and carried along.
+    """
+    k = core_occupancy(p, cores)
+    fair = p / max(1, int(cores))
+    pinned_mean = sum(x * x for x in k) / p
+    busiest = max(k)
+    if pinned_mean <= fair + 1e-12 or mean_cpu_s <= 0:
+        return float(mean_wall_s), 0.0
+    stretch = mean_wall_s / mean_cpu_s
+    weight = min(1.0, max(0.0, (stretch - fair) / (pinned_mean - fair)))
+    return float(mean_wall_s) * (1.0 + weight * (busiest / pinned_mean - 1.0)), weight

@@ -13,10 +13,17 @@ Then it fits the α-β-γ model (`hpcdl.perfmodel.fit`) to all the benchmark run
 fit per regime: *dedicated* (ranks × threads ≤ cores) and *oversubscribed* (more, as with 3 and
 4 ranks on this 2-core machine, where ranks time-share cores and every message waits for its
 peer to be scheduled: a different machine, so it gets its own α, β, γ). Each step is predicted
-as the compute the trainer measured at that P (data wait + forward + backward + optimizer of
-the rank that computed longest in each logging window, `compute_max` in metrics.jsonl), plus
-rank 0's `other` (logging), plus the model's allreduce of every gradient bucket. No overlap is
-assumed: with one core per rank the copies that move the data need the core that computes.
+as the compute pace, plus rank 0's `other` (logging), plus the model's allreduce of every
+gradient bucket. No overlap is assumed: with one core per rank the copies that move the data
+need the core that computes. The compute pace: with dedicated cores, the compute the trainer
+measured at that P (data wait + forward + backward + optimizer of the rank that computed longest
+in each logging window, `compute_max` in metrics.jsonl); oversubscribed, the slowest rank of each
+step from ranks ÷ cores and the ranks' mean wall and CPU seconds of compute, read from the run's
+timeline (`hpcdl.perfmodel.shared_core_pace`).
+
+`--reuse` keeps what an earlier sweep into the same `--out` measured (bench-pN.json, train-pN/)
+and runs only the missing rank counts, so a sweep can be run in pieces (`--ranks 1,2`, then
+`--ranks 1,2,3,4 --reuse`), each short enough for an exclusive slot on a shared machine.
 
 Writes `scaling.csv` (columns below), `efficiency.png` (measured and predicted efficiency
 against ranks) and `breakdown.png` (stacked compute and exposed allreduce against ranks), and
@@ -35,7 +42,8 @@ import time
 from pathlib import Path
 
 COLUMNS = ("ranks", "oversubscribed", "global_batch", "measured_step_s", "predicted_step_s", "error",
-           "compute_s", "allreduce_s", "exposed_allreduce_s", "measured_allreduce_s", "regime")
+           "compute_s", "allreduce_s", "exposed_allreduce_s", "measured_allreduce_s", "regime",
+           "mean_wall_compute_s", "mean_cpu_compute_s", "pinned_weight", "measured_pace_s")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist_cnn.toml"
 
 
@@ -69,6 +77,8 @@ def _parse_args(argv):
                         else os.cpu_count(), help="cores the ranks share (default: this process's affinity mask)")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (OMP_NUM_THREADS)")
     parser.add_argument("--out", required=True, help="directory for the runs, scaling.csv and the plots")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep benchmark and training results already in --out; run only the missing rank counts")
     return parser.parse_args(argv)
 
 
@@ -117,6 +127,39 @@ def step_breakdown(metrics_path: Path) -> dict:
             "algorithm": start.get("algorithm")}
 
 
+def trace_compute(trace_path: Path) -> dict:
+    """Per-rank compute of the traced steps (every phase but the allreduce), from the run's timeline.
+
+    mean_wall_s and mean_cpu_s average over ranks and steps (the CPU seconds are the rank's
+    process, every thread, during those phases); max_wall_s averages each step's slowest rank:
+    the measured pace, for comparison with the model. The first traced step is left out (warm-up).
+    """
+    events = [e for e in json.loads(Path(trace_path).read_text())["traceEvents"] if e.get("ph") == "X" and e["tid"] == 0]
+    steps: dict[tuple, tuple] = {(e["pid"], e["args"]["step"]): (e["ts"], e["ts"] + e["dur"])
+                                 for e in events if e.get("cat") == "step"}
+    wall: dict[tuple, float] = {key: 0.0 for key in steps}
+    cpu: dict[tuple, float] = {key: 0.0 for key in steps}
+    by_rank: dict[int, list] = {}
+    for (rank, step), span in steps.items():
+        by_rank.setdefault(rank, []).append((span, step))
+    for e in events:
+        if e.get("cat") != "phase" or e["name"] == "allreduce":
+            continue
+        for (start, end), step in by_rank.get(e["pid"], []):
+            if start <= e["ts"] < end:
+                wall[(e["pid"], step)] += e["dur"] * 1e-6
+                cpu[(e["pid"], step)] += e["args"].get("cpu_s", 0.0)
+                break
+    numbers = sorted({step for _, step in steps})[1:]
+    ranks = sorted(by_rank)
+    if not numbers or any((r, s) not in wall for r in ranks for s in numbers):
+        raise SystemExit(f"hpcdl scaling sweep: {trace_path}: need two or more traced steps on every rank")
+    cells = [(wall[(r, s)], cpu[(r, s)]) for r in ranks for s in numbers]
+    return {"mean_wall_s": sum(w for w, _ in cells) / len(cells), "mean_cpu_s": sum(c for _, c in cells) / len(cells),
+            "max_wall_s": sum(max(wall[(r, s)] for r in ranks) for s in numbers) / len(numbers),
+            "steps": len(numbers), "ranks": len(ranks)}
+
+
 def regime(ranks: int, threads: int, cores: int) -> str:
     return "oversubscribed" if ranks * threads > cores else "dedicated"
 
@@ -148,6 +191,8 @@ def predict_allreduce(buckets: list[int], ranks: int, algorithm: str, costs) -> 
 
 def rows_for(results: dict[int, dict], buckets: list[int], costs: dict, algorithm: str, threads: int,
              cores: int) -> list[dict]:
+    from hpcdl import perfmodel
+
     rows = []
     for ranks, result in sorted(results.items()):
         phases = result["phases"]
@@ -155,6 +200,13 @@ def rows_for(results: dict[int, dict], buckets: list[int], costs: dict, algorith
         compute = result.get("compute_max_s", sum(v for k, v in phases.items() if k not in ("allreduce", "other")))
         measured_allreduce = phases.get("allreduce", 0.0)
         name = regime(ranks, threads, cores)
+        shared = result.get("trace")
+        weight = 0.0
+        if name == "oversubscribed" and shared:
+            # which ranks share a core changes from step to step, so the window's slowest
+            # rank (compute_max) is not each step's slowest: model the step's pace instead
+            compute, weight = perfmodel.shared_core_pace(ranks, max(1, cores // threads), shared["mean_wall_s"],
+                                                         shared["mean_cpu_s"])
         if ranks == 1:
             modelled = 0.0
         elif name in costs:
@@ -167,6 +219,9 @@ def rows_for(results: dict[int, dict], buckets: list[int], costs: dict, algorith
             "measured_step_s": result["step_s"], "predicted_step_s": predicted,
             "error": predicted / result["step_s"] - 1.0, "compute_s": compute, "allreduce_s": modelled,
             "exposed_allreduce_s": modelled, "measured_allreduce_s": measured_allreduce, "regime": name,
+            "mean_wall_compute_s": shared["mean_wall_s"] if shared else "",
+            "mean_cpu_compute_s": shared["mean_cpu_s"] if shared else "", "pinned_weight": weight,
+            "measured_pace_s": shared["max_wall_s"] if shared else "",
         })
     return rows
 
@@ -259,6 +314,9 @@ def main(argv=None) -> int:
         sizes = sorted({*buckets, *(max(4096, b // 4) for b in buckets), 2**20, 16 * 2**20})
         for ranks in (p for p in args.ranks if p > 1):
             path = out / f"bench-p{ranks}.json"
+            if args.reuse and path.exists():
+                bench_files.append(path)
+                continue
             print(f"hpcdl scaling sweep: allreduce benchmark on {ranks} ranks", file=sys.stderr, flush=True)
             _launch(args.launcher, ranks, hpcdl + ["bench", "allreduce", "--algorithms", args.algorithm,
                                                    "--sizes", ",".join(map(str, sizes)),
@@ -278,13 +336,23 @@ def main(argv=None) -> int:
                      "schedule.warmup_epochs=0",
                      "checkpoint.every_steps=0", "checkpoint.every_minutes=0", "checkpoint.at_end=false",
                      f"log.every_steps={args.log_every}", "log.plots=false", f"comm.algorithm={args.algorithm!r}",
-                     f"comm.bucket_mb={args.bucket_mb}"]
+                     f"comm.bucket_mb={args.bucket_mb}",
+                     # the timeline of every step after the warm-up window: each rank's compute per step
+                     f"log.trace_steps=[{min(args.log_every + 1, args.steps)}, {args.steps}]",
+                     f"log.trace_file={str(run_dir / 'trace.json')!r}"]
+        metrics, timeline = run_dir / "metrics.jsonl", run_dir / "trace.json"
+        if args.reuse and timeline.exists() and metrics.exists():
+            print(f"hpcdl scaling sweep: {ranks} rank(s): reusing {run_dir}", file=sys.stderr, flush=True)
+            results[ranks] = dict(step_breakdown(metrics), trace=trace_compute(timeline))
+            continue
+        if metrics.exists():
+            metrics.unlink()  # a fresh run, not lines appended to an older one
         print(f"hpcdl scaling sweep: training on {ranks} rank(s), global batch {global_batch}", file=sys.stderr,
               flush=True)
         _launch(args.launcher, ranks, hpcdl + ["train", "--config", args.config, "--out", str(run_dir),
                                                *[a for o in overrides for a in ("--set", o)]],
                 out / f"train-p{ranks}.log", args.threads, timeout=3600)
-        results[ranks] = step_breakdown(run_dir / "metrics.jsonl")
+        results[ranks] = dict(step_breakdown(metrics), trace=trace_compute(timeline))
 
     rows = rows_for(results, buckets, costs, args.algorithm, args.threads, args.cores)
     write_csv(rows, out / "scaling.csv")

@@ -56,30 +56,83 @@ class Tracer:
         self.events: list[tuple] = []  # (name, category, track, start_s, end_s, args)
         self.offsets: list[float] = [0.0]  # every rank's clock minus rank 0's (`clock_offsets`)
         self.recording = False
-        self._open: dict[int, list[tuple[str, str, float, dict]]] = {}
+        self.model = None  # set by `trace_layers`: its layers get spans in the traced steps
+        self._in_step = False
+        self._step = 0
+        self._wrapped: list = []  # (module, attribute name) of the wrappers installed
+        self._open: dict[int, list[tuple[str, str, float, dict, float]]] = {}
 
     # -- what the trainer calls -----------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """`step` is the 1-based number of the step about to run."""
         self.recording = self.first <= step <= self.last
+        self._step = step
+        if self.model is not None and self.recording != bool(self._wrapped):
+            self._wrap_layers() if self.recording else self._unwrap_layers()
         if self.recording:
             self.begin(f"step {step}", "step", args={"step": step})
+            self._in_step = True
 
     def end_step(self) -> None:
         """Closes the step; what follows it before the next step (evaluation, a checkpoint) is still recorded."""
+        self._in_step = False
         if self.recording:
             self.close_track(STEP_TRACK)
+        if self._wrapped and self._step >= self.last:
+            self._unwrap_layers()
+
+    # -- per-layer spans ------------------------------------------------------------------------
+    def trace_layers(self, model) -> None:
+        """Give each layer of `model` a forward and a backward span in the traced steps.
+
+        The module instances' `forward`/`backward` are shadowed by timing wrappers at the start
+        of the first traced step and the wrappers removed after the last, so untraced steps run
+        the layers' own methods: nothing is paid when it is off or outside the window. Only
+        calls inside a step are recorded (not evaluation's forward passes after it).
+        """
+        self.model = model
+
+    def _wrap_layers(self) -> None:
+        for name, module in _named_modules(self.model):
+            for method in ("forward", "backward"):
+                if method in vars(module):
+                    continue  # already shadowed on the instance: leave that one alone
+                setattr(module, method, self._timed(getattr(module, method), name, method, type(module).__name__))
+                self._wrapped.append((module, method))
+
+    def _unwrap_layers(self) -> None:
+        for module, method in self._wrapped:
+            vars(module).pop(method, None)
+        self._wrapped = []
+
+    def _timed(self, call, layer: str, method: str, kind: str):
+        label = f"{layer} {method}"
+        args = {"layer": layer, "type": kind}
+
+        def timed(*a, **kw):
+            if not self._in_step:
+                return call(*a, **kw)
+            self.begin(label, "layer", args=args)
+            try:
+                return call(*a, **kw)
+            finally:
+                self.end()
+
+        return timed
 
     def begin(self, name: str, category: str, track: int = STEP_TRACK, args: dict | None = None) -> None:
         """Open a span on `track`; spans on one track nest (a stack per track)."""
         if self.recording:
             self._open.setdefault(track, [])
-            self._open[track].append((name, category, self.clock(), args or {}))
+            self._open[track].append((name, category, self.clock(), args or {}, time.process_time()))
 
     def end(self, track: int = STEP_TRACK) -> None:
         stack = self._open.get(track)
         if self.recording and stack:
-            name, category, start, args = stack.pop()
+            name, category, start, args, cpu = stack.pop()
+            # CPU seconds of the whole process (every thread) during the span: with ranks
+            # time-sharing cores, wall time minus this is the time the rank waited for a core
+            args = dict(args, cpu_s=round(time.process_time() - cpu, 6))
             self.events.append((name, category, track, start, self.clock(), args))
 
     def close_track(self, track: int) -> None:
@@ -122,6 +175,14 @@ class Tracer:
             self.begin(name, "phase")
 
 
+def _named_modules(model, prefix: str = ""):
+    """(dotted name, module) of every module under `model`, not the model itself (its span is the phase)."""
+    for key, child in model.named_children():
+        name = f"{prefix}{key}"
+        yield name, child
+        yield from _named_modules(child, name + ".")
+
+
 class NullTracer:
     """What every rank holds when no trace was asked for: every call does nothing."""
 
@@ -140,13 +201,16 @@ def _nothing(*args, **kwargs):
     return None
 
 
-def for_run(trace_steps, trace_file: str, world, total_steps: int):
+def for_run(trace_steps, trace_file: str, world, total_steps: int, layers=None):
     """The trainer's tracer: a Tracer of `trace_steps` ([1, 20] when only a file is given), clamped to the
-    run, with the ranks' clock offsets measured (collective); a NullTracer when no timeline was asked for."""
+    run, with the ranks' clock offsets measured (collective); a NullTracer when no timeline was asked for.
+    `layers`: a model whose layers get their own spans (`Tracer.trace_layers`)."""
     if not trace_steps and not trace_file:
         return NullTracer()
     first, last = trace_steps or (1, 20)
     tracer = Tracer(world.rank, min(first, total_steps), min(last, total_steps))
+    if layers is not None:
+        tracer.trace_layers(layers)
     if world.size > 1:
         tracer.offsets = clock_offsets(world.mpi_comm, tracer.clock)
     return tracer

@@ -259,7 +259,8 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
                                    poll_interval_s=config.comm.progress_interval_us / 1e6,
                                    taper=config.comm.bucket_taper)
     r.reducer.attach(r.model)
-    r.tracer = trace.for_run(list(config.log.trace_steps), config.log.trace_file, world, r.total_steps)
+    r.tracer = trace.for_run(list(config.log.trace_steps), config.log.trace_file, world, r.total_steps,
+                             layers=r.model if config.log.trace_layers else None)
     r.reducer.clock = r.tracer.clock  # bucket start and completion times on the timeline's clock
     # -- rank 0's jobs: checkpoints, the clock vote, metrics and progress ------------------------
     r.checkpoints = checkpoint.CheckpointManager(r.out_dir / "checkpoints", keep=config.checkpoint.keep,

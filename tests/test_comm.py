@@ -305,9 +305,9 @@ def test_cost_formulas_match_the_textbook_expressions():
     # p = 6 folds into a group of 4: one extra message pair and a full-vector reduce
     assert perfmodel.coefficients("recursive_doubling", n, 6) == (4.0, 4 * n, 3 * n)
     assert perfmodel.coefficients("ring", n, 1) == (0.0, 0.0, 0.0)
-    # two nodes of four: two tree levels down and up, a 2-leader ring between
+    # two nodes of four, sharded: ring reduce-scatter and allgather in the node, a 2-node ring of n/4
     a, b, c = perfmodel.coefficients("hierarchical", n, 8, ranks_per_node=4)
-    assert (a, b, c) == (4 + 2.0, 4 * n + n, 2 * n + n / 2)
+    assert (a, b, c) == pytest.approx((3 + 3 + 2.0, 2 * 7 / 8 * n, 7 / 8 * n))
 
 
 def synthetic(algorithm, truth, worlds, noise=0.01, seed=0):

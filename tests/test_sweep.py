@@ -86,3 +86,33 @@ def test_sweep_end_to_end_on_one_and_two_ranks(tmp_path):
     for png in ("efficiency.png", "breakdown.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(run.stdout.strip().splitlines()[-1])["rows"][1]["ranks"] == 2
+
+
+def test_shared_core_pace_between_its_two_limits_by_hand():
+    # 3 ranks on 2 cores, 1 s of CPU each: pinned, the pair takes 2 s and the mean is (2 + 2 + 1) / 3
+    assert perfmodel.shared_core_pace(3, 2, 5 / 3, 1.0) == pytest.approx((2.0, 1.0))
+    # fair sharing: every rank 1.5 s, which is also the slowest
+    assert perfmodel.shared_core_pace(3, 2, 1.5, 1.0) == pytest.approx((1.5, 0.0))
+    # 4 on 2 cores: the limits coincide, the mean wall compute is the pace
+    assert perfmodel.shared_core_pace(4, 2, 2.2, 1.0) == pytest.approx((2.2, 0.0))
+    assert perfmodel.core_occupancy(5, 2) == [3, 2]
+
+
+def test_csv_columns_types_and_oversubscribed_marking(tmp_path):
+    costs = {"dedicated": Costs(1e-5, 1e-10, 0.0), "oversubscribed": Costs(1e-3, 2e-10, 0.0)}
+    shared = {"mean_wall_s": 5 / 3, "mean_cpu_s": 1.0, "max_wall_s": 2.1}
+    results = {2: {"phases": {"forward": 1.0}, "step_s": 1.0, "global_batch": 64, "compute_max_s": 1.0},
+               3: {"phases": {"forward": 1.5, "allreduce": 0.5}, "step_s": 2.1, "global_batch": 96,
+                   "compute_max_s": 1.7, "trace": shared}}
+    rows = sweep.rows_for(results, [2**20], costs, "ring", threads=1, cores=2)
+    assert rows[1]["compute_s"] == pytest.approx(2.0)  # the pinned pair, not the window's 1.7
+    with open(sweep.write_csv(rows, tmp_path / "s.csv")) as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == sweep.COLUMNS
+    for row in table:
+        int(row["ranks"]), int(row["global_batch"])
+        assert row["oversubscribed"] in ("True", "False")
+        for key in ("measured_step_s", "predicted_step_s", "compute_s", "allreduce_s", "exposed_allreduce_s"):
+            assert float(row[key]) >= 0
+    assert [r["oversubscribed"] for r in table] == ["False", "True"]
+    assert [r["regime"] for r in table] == ["dedicated", "oversubscribed"]

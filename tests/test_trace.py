@@ -159,3 +159,44 @@ def test_two_rank_training_trace_has_a_track_per_rank_and_phases_that_cover_each
     for w in windows:
         assert set(w["seconds"]) == set(w["seconds_max"]) >= {"forward", "backward", "allreduce", "other"}
         assert all(w["seconds_max"][k] >= w["seconds"][k] for k in w["seconds"])
+
+
+def test_layer_spans_nest_inside_the_steps_forward_and_backward_and_vanish_outside_the_window():
+    from hpcdl.layers.base import Module, Sequential
+
+    clock = FakeClock()
+
+    class Slow(Module):
+        def forward(self, x):
+            clock.advance(0.001)
+            return x
+
+        def backward(self, dy):
+            clock.advance(0.002)
+            return dy
+
+    model = Sequential(Slow(), Sequential(Slow(), Slow()))
+    tracer = trace.Tracer(rank=0, first=2, last=2, clock=clock)
+    tracer.trace_layers(model)
+    for step in (1, 2, 3):
+        tracer.begin_step(step)
+        tracer.phase("forward")
+        model.forward(0)
+        tracer.phase("backward")
+        model.backward(0)
+        tracer.phase(None)
+        tracer.end_step()
+        if step != 2:
+            assert all("forward" not in vars(m) for m in model.modules())  # the layers' own methods run
+    layers = [e for e in tracer.events if e[1] == "layer"]
+    assert sorted({e[0] for e in layers}) == sorted(f"{n} {m}" for n in ("layers.0", "layers.1", "layers.1.layers.0",
+                                                                          "layers.1.layers.1") for m in ("forward", "backward"))
+    obj = trace.chrome_trace([tracer.events], [0.0])
+    assert trace.problems(obj) == []
+    phases = {e[0]: e for e in tracer.events if e[1] == "phase"}
+    for name, _, _, start, end, _ in layers:
+        outer = phases[name.rsplit(" ", 1)[1]]
+        assert outer[3] <= start and end <= outer[4]
+    inner = next(e for e in layers if e[0] == "layers.1.layers.0 backward")
+    parent = next(e for e in layers if e[0] == "layers.1 backward")
+    assert parent[3] <= inner[3] and inner[4] <= parent[4]
