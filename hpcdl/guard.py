@@ -48,6 +48,7 @@ class ConsistencyError(UserError):
 # -- where am I ------------------------------------------------------------------------
 
 _LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+_ABORT_GRACE_S = 0.2  # see _abort_world
 
 
 def _live_mpi():
@@ -97,6 +98,10 @@ def _abort_world(code: int) -> None:
             pass
     mpi = _live_mpi()
     if mpi is not None and mpi.COMM_WORLD.Get_size() > 1:
+        # The launcher kills every rank as soon as it hears of the abort, and a line still in the
+        # pipe to its proxy is dropped with them: on a loaded node the reason then never reaches
+        # the user. A moment's grace lets the proxy forward it.
+        time.sleep(_ABORT_GRACE_S)
         # hydra's mpiexec exits with this code. A plain exit on one rank would
         # leave the others blocked, or race with their SIGKILL for the exit code.
         mpi.COMM_WORLD.Abort(code)

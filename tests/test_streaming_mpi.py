@@ -206,7 +206,7 @@ def test_no_worker_outlives_its_rank(tmp_path, learnable_file, how):
     else:
         assert proc.returncode != 0, stderr[-3000:]
     if how == "worker-dies":
-        assert "data worker process" in stderr and "died (killed by SIGKILL)" in stderr
+        assert "data worker process" in stderr and "died (killed by SIGKILL)" in stderr, stderr[-3000:]
     if how == "trainer-raises":  # an uncaught exception: MPI_Abort, then the kernel's PDEATHSIG
         assert "raise-at-step:80" in stderr
 
