@@ -70,6 +70,10 @@ def shm_checks(comm, pool, rank: int, p: int) -> list[str]:
     if not np.array_equal(buf, want):
         failures.append(f"shm random floats: rank {rank} differs from reference_sum at "
                         f"{int(np.flatnonzero(buf != want)[0])}")
+    buf[...] = mine  # non-blocking: adds and copies in blocks, yielding the core between them
+    comm.start(buf, tag=9).wait()
+    if not np.array_equal(buf, want):
+        failures.append(f"shm random floats, start(): rank {rank} differs from reference_sum")
     # Rank 0 passes another slice: every rank must raise (none may hang in a later barrier).
     wrong = pool[1:1 + 100] if rank == 0 else pool[0:100]
     try:
@@ -152,7 +156,7 @@ def main() -> int:
                     failures.append(f"{label}: rank {rank} {what} {count} bytes, 2(p-1)/p·n = {optimal:.0f}")
 
         if comm.shared_memory:
-            cases += 2
+            cases += 3
             failures += shm_checks(comm, pool["float32"], rank, p)
 
         # Broadcast and object gather.
