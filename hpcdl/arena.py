@@ -127,6 +127,16 @@ class Arena:
         seg = self._by_name[name]
         return self.grads[seg.offset:seg.end].reshape(seg.shape)
 
+    def rehome_grads(self, buffer) -> None:
+        """Move the gradients into `buffer` (same size and dtype), e.g. a shared-memory window
+        whose peers read it directly (`hpcdl.comm.shm`); every Param.grad is rebound to it."""
+        if buffer.shape != (self.total,) or buffer.dtype != self.dtype:
+            raise ValueError(f"rehome_grads needs a 1-D {self.dtype} buffer of {self.total} elements, "
+                             f"got {buffer.dtype} {buffer.shape}")
+        buffer[...] = self.grads
+        self.grads = buffer
+        self._bind()
+
     def zero_grads(self) -> None:
         self.grads.fill(0)
 

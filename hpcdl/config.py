@@ -101,7 +101,7 @@ class ScheduleConfig:
 
 @dataclass
 class CommConfig:
-    algorithm: str = _key("auto", "allreduce algorithm", choices=("native", "ring", "recursive_doubling", "rabenseifner", "hierarchical", "auto"))
+    algorithm: str = _key("auto", "allreduce algorithm", choices=("native", "ring", "recursive_doubling", "rabenseifner", "hierarchical", "shm", "auto"))
     crossovers: str = _key("", "JSON crossover table for 'auto' from `hpcdl bench allreduce --save-crossovers`; empty = shipped default")
     ranks_per_node: int = _key(0, "hierarchical: ranks per node; 0 = detect from MPI shared-memory domains", min=0)
     bucket_mb: float = _key(25.0, "gradient bucket size in MiB", min=0.0, min_exclusive=True)

@@ -237,6 +237,8 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
                         ranks_per_node=config.comm.ranks_per_node or None, piece_kb=config.comm.piece_kb or None,
                         pipeline_depth=config.comm.pipeline_depth)
     r.world = world
+    if world.shared_memory and world.size > 1:
+        _share_gradients(r, world)
     if loop is not None:
         _agree(r, loop)
     r.watchdog = guard.StallWatchdog(world.mpi_comm, timeout_s=config.comm.stall_timeout_s) \
@@ -270,6 +272,20 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
     if r.log is not None and world.rank == 0 and r.log.path is None:  # rank 0 died: its log moves here
         r.log = MetricsLog(r.out_dir / "metrics.jsonl", truncate=False)
         r.progress = Progress(r.total_steps, enabled=config.log.progress)
+
+
+def _share_gradients(r: Run, world) -> None:
+    """comm.algorithm = shm: the gradient arena moves into the node's shared window, so the peers
+    read each other's gradients in place (hpcdl.comm.shm). The window belongs to this one MPI world,
+    which a shrink or regrow replaces, so fault tolerance is refused with it."""
+    if r.fault_tolerance != "abort":
+        raise _collective(ConfigError(f"comm.algorithm = 'shm' cannot be combined with comm.fault_tolerance = "
+                                      f"{r.fault_tolerance!r}: its shared window belongs to one MPI world; "
+                                      "use 'ring' or 'hierarchical'"))
+    if r.arena.xp is not np:
+        raise _collective(ConfigError("comm.algorithm = 'shm' reduces host memory; with runtime.device = 'gpu' "
+                                      "use 'ring', 'hierarchical' or 'native'"))
+    r.arena.rehome_grads(world.zeros(r.arena.total, r.arena.dtype))
 
 
 def _disconnect(r: Run, broken: bool = False) -> None:

@@ -359,3 +359,26 @@ def test_fit_bench_and_step_time_prediction():
     assert perfmodel.predict_step_time(8, compute, grad, "ring", fitted, overlap=1.0) == pytest.approx(compute)
     assert perfmodel.predict_step_time(1, compute, grad, "ring") == compute
     assert perfmodel.predict_step_time(8, compute, grad, "auto") <= perfmodel.predict_step_time(8, compute, grad, "native")
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("polite", [False, True])
+def test_shm_shard_sum_matches_the_numpy_reference_bit_for_bit(k, polite):
+    """Every owner's shard (in place for ranks 0 and 1, through scratch for the others), blocked or not,
+    against `reference_sum`'s left-to-right rank order; random floats, so any other order would show."""
+    from hpcdl.comm import shm
+
+    n = 300007
+    rng = np.random.default_rng(k)
+    original = [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
+    want = shm.reference_sum(original)
+    bounds = [n * i // k for i in range(k + 1)]
+    for owner in range(k):
+        buffers = [b.copy() for b in original]
+        scratch = np.empty(shm.BLOCK_BYTES // 4, np.float32)
+        shm.reduce_shard(buffers, buffers[owner], bounds[owner], bounds[owner + 1], scratch, polite)
+        lo, hi = bounds[owner], bounds[owner + 1]
+        assert np.array_equal(buffers[owner][lo:hi], want[lo:hi])
+        # nothing outside the owner's shard, and no other rank's buffer, was touched
+        assert np.array_equal(np.delete(buffers[owner], np.s_[lo:hi]), np.delete(original[owner], np.s_[lo:hi]))
+        assert all(np.array_equal(buffers[j], original[j]) for j in range(k) if j != owner)

@@ -42,6 +42,18 @@ def test_two_ranks_follow_one_rank(tmp_path, model_args):
     assert a["final_loss"] < first_logged["loss"]
 
 
+def test_shared_window_gradients_train_like_the_ring(tmp_path):
+    """comm.algorithm = shm moves the arena's gradients into the node's shared window; at p = 2 each sum
+    is one addition either way, so the run must match the point-to-point ring bit for bit."""
+    ring = launch([*TINY, "--out", str(tmp_path / "ring"), "--set", "comm.algorithm='ring'"], ranks=2)
+    shm = launch([*TINY, "--out", str(tmp_path / "shm"), "--set", "comm.algorithm='shm'"], ranks=2)
+    assert ring.returncode == 0, ring.stderr[-3000:]
+    assert shm.returncode == 0, shm.stderr[-3000:]
+    assert shm.summary["steps"] == ring.summary["steps"] == 20
+    assert shm.summary["param_norm"] == ring.summary["param_norm"]
+    assert shm.summary["final_loss"] == ring.summary["final_loss"]
+
+
 def test_gradient_accumulation_matches_more_ranks(tmp_path):
     accumulated = launch([*TINY, "--set", "train.accumulate_steps=2", "--out", str(tmp_path / "acc")])
     three_ranks = launch([*TINY, "--set", "train.global_batch=48", "--out", str(tmp_path / "three")], ranks=3)

@@ -136,19 +136,29 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
     itemsize = np.dtype(dtype).itemsize
     buf = np.ones(max(sizes) // itemsize + 1, dtype=dtype)
     copy = np.ones_like(buf) if memcpy else None
+    # A communicator that reads its peers' memory directly reduces a buffer in its shared window.
+    own = {name: comm.zeros(buf.size, dtype) for name, comm in comms.items() if comm.shared_memory}
+    for b in own.values():
+        b.fill(1)
     # First calls pay for connection set-up and page faults; keep that out of the smallest size.
-    for comm in comms.values():
+    for name, comm in comms.items():
         for _ in range(5):
-            comm.allreduce(buf[: min(sizes) // itemsize])
+            comm.allreduce(own.get(name, buf)[: min(sizes) // itemsize])
     rows = []
     for nbytes in sizes:
         n = nbytes // itemsize
         view = buf[:n]
-        variants = {name: (lambda c=comm: c.allreduce(view)) for name, comm in comms.items()}
+        views = {name: own[name][:n] if name in own else view for name in comms}
+        variants = {name: (lambda c=comm, v=views[name]: c.allreduce(v)) for name, comm in comms.items()}
         if memcpy:
             variants[MEMCPY] = lambda: np.copyto(copy[:n], view)
-        # view.fill(1) keeps values bounded, outside the timed region
-        samples = timer.interleaved(variants, repeats, warmup, before=lambda: view.fill(1))
+
+        def refill():  # keeps values bounded, outside the timed region
+            view.fill(1)
+            for v in own.values():
+                v[:n].fill(1)
+
+        samples = timer.interleaved(variants, repeats, warmup, before=refill)
         for name in variants:
             row = {"algorithm": name, "bytes": n * itemsize, **_summary(samples[name])}
             row["algbw_GBps"] = row["bytes"] / row["median_s"] / 1e9 if row["median_s"] > 0 else 0.0
@@ -163,11 +173,11 @@ def sweep(comms: dict, timer: _Timer, sizes: list[int], dtype, repeats: int, war
         # bandwidth-optimal 2(p-1)/p·n; MPI's own allreduce is not counted.
         for name, comm in comms.items():
             traffic = getattr(comm, "traffic", None)
-            if traffic is None or name == "native" or name == "auto" or p == 1:
+            if traffic is None or name == "native" or name == "auto" or comm.shared_memory or p == 1:
                 continue
-            view.fill(1)
+            refill()
             traffic.reset()
-            comm.allreduce(view)
+            comm.allreduce(views[name])
             per_rank = timer.comm.allgather((traffic.sent, traffic.received))
             optimal = 2 * (p - 1) / p * n * itemsize
             row = next(r for r in rows if r["bytes"] == n * itemsize and r["algorithm"] == name)
@@ -215,6 +225,10 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
 
     shapes = resnet50_shapes()
     arena, params = _arena_of(shapes, dtype)
+    comms = {name: comm_factory(name) for name in bucketed_algorithms}
+    shared = [c for c in comms.values() if c.shared_memory]
+    if shared:  # as the trainer does: the gradients live in the shared window, for every variant alike
+        arena.rehome_grads(shared[0].zeros(arena.total, arena.dtype))
     mpi_comm = timer.comm
     mpi_type = MPI.FLOAT if np.dtype(dtype) == np.float32 else MPI.DOUBLE
     per_tensor = [arena.grad_view(name).reshape(-1) for name, _ in shapes]
@@ -228,7 +242,7 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     variants["flat_native"] = lambda: flat_native.allreduce(arena.grads)
     reducers = {}
     for name in bucketed_algorithms:
-        reducer = BucketReducer(comm_factory(name), arena, bucket_bytes=bucket_bytes, overlap=False)
+        reducer = BucketReducer(comms[name], arena, bucket_bytes=bucket_bytes, overlap=False)
         reducers[name] = reducer
 
         def bucketed(reducer=reducer):
@@ -249,7 +263,7 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     base = result["times"]["per_tensor_native"]["median_s"]
     result["vs_per_tensor_native"] = {k: v["median_s"] / base for k, v in result["times"].items()}
     if backward_ms > 0 and bucketed_algorithms:
-        result["overlap"] = overlap_study(comm_factory(bucketed_algorithms[0]), bucketed_algorithms[0], arena, params,
+        result["overlap"] = overlap_study(comms[bucketed_algorithms[0]], bucketed_algorithms[0], arena, params,
                                           timer, repeats, warmup, overlap_bucket_bytes or bucket_bytes, backward_ms)
         result["overlap"]["bucket_bytes"] = overlap_bucket_bytes or bucket_bytes
     return result
@@ -430,7 +444,8 @@ def main(argv=None) -> int:
 
     medians: dict[int, dict[str, float]] = {}
     for r in rows:
-        if r["algorithm"] in hpcdl.comm.ALGORITHMS and r["algorithm"] != "auto":
+        # auto dispatches on size alone, so it cannot pick shm (fast only on buffers in its window)
+        if r["algorithm"] in hpcdl.comm.ALGORITHMS and r["algorithm"] not in ("auto", "shm"):
             medians.setdefault(r["bytes"], {})[r["algorithm"]] = r["median_s"]
     rules = rules_from_timings(medians) if medians else []
     result = {"world": world.Get_size(), "dtype": dtype.name, "mpi": MPI.Get_library_version().splitlines()[0].strip(),

@@ -3,7 +3,7 @@
     comm = hpcdl.comm.create("ring")          # collective: every rank calls it
     comm.allreduce(grads, op="mean")          # in place, NumPy or CuPy, float32/float64
 
-Names: native, ring, recursive_doubling, rabenseifner, hierarchical, auto.
+Names: native, ring, recursive_doubling, rabenseifner, hierarchical, shm, auto.
 Each is a small class over `base.Communicator` in its own module, imported
 only when asked for; importing this package loads neither mpi4py nor the
 algorithms. `BucketReducer` (in `buckets`) overlaps allreduce with backward.
@@ -23,6 +23,7 @@ ALGORITHMS = {
     "recursive_doubling": ("hpcdl.comm.recursive", "RecursiveDoublingCommunicator"),
     "rabenseifner": ("hpcdl.comm.recursive", "RabenseifnerCommunicator"),
     "hierarchical": ("hpcdl.comm.hierarchical", "HierarchicalCommunicator"),
+    "shm": ("hpcdl.comm.shm", "ShmCommunicator"),
     "auto": ("hpcdl.comm.auto", "AutoCommunicator"),
 }
 # Options some algorithms take; each class receives the ones its constructor names,

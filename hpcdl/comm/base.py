@@ -515,7 +515,17 @@ class Communicator:
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
         raise NotImplementedError
 
-    # -- buffers reused between calls -----------------------------------------------
+    # -- buffers ----------------------------------------------------------------------
+    # Whether `zeros` returns memory the peers on this node read directly (`hpcdl.comm.shm`).
+    shared_memory = False
+
+    def zeros(self, n: int, dtype=np.float32):
+        """A zeroed 1-D host array of n elements that this communicator reduces fastest.
+
+        Collective where `shared_memory` is true (a new shared window). Here, plain NumPy.
+        """
+        return np.zeros(n, dtype=dtype)
+
     def scratch(self, tag: int, like, n: int):
         """A reusable receive buffer of n elements, one per (tag, dtype, array module).
 

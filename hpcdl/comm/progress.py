@@ -49,7 +49,7 @@ class ProgressThread:
         self.nice = int(nice)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._active: list = []  # [(pending, event)]
+        self._active: list = []  # [[pending or starter, event]]
         self._stopping = False
         self._error: BaseException | None = None
         self.polls = 0
@@ -57,15 +57,20 @@ class ProgressThread:
         self._thread.start()
 
     def submit(self, pending) -> threading.Event:
-        """Hand `pending` to the thread; the event is set when it has completed."""
+        """Hand `pending` to the thread; the event is set when it has completed.
+
+        `pending` may also be a callable that starts the reduction and returns its
+        `Pending`: the thread calls it, in submission order, so the caller (a backward
+        hook) makes no MPI call and never contends with the thread for MPI or the GIL.
+        """
         done = threading.Event()
-        if pending.done:
+        if not callable(pending) and pending.done:
             done.set()
             return done
         with self._work:
             if self._stopping:
                 raise RuntimeError("ProgressThread.submit() after close()")
-            self._active.append((pending, done))
+            self._active.append([pending, done])
             self._work.notify()
         return done
 
@@ -98,11 +103,14 @@ class ProgressThread:
                         return
                     active = list(self._active)
                 finished = []
-                for pending, done in active:
+                for item in active:  # [pending or starter, event], shared with self._active
+                    if callable(item[0]):  # started here, in the order submitted
+                        item[0] = item[0]()
+                    pending, done = item
                     self.polls += 1
                     if pending.test():
                         done.completed_at = self.clock()
-                        finished.append((pending, done))
+                        finished.append(item)
                 if finished:
                     with self._work:
                         for item in finished:

@@ -155,7 +155,7 @@ def main() -> int:
     failures, cases = [], 0
     if p > 1:
         cases += completion_during_backward(world, failures)
-    for name in ("ring", "native", "recursive_doubling", "rabenseifner", "hierarchical", "auto"):
+    for name in ("ring", "native", "recursive_doubling", "rabenseifner", "hierarchical", "shm", "auto"):
         comm = hpcdl.comm.create(name, ranks_per_node=2)
         for dtype in (np.float32, np.float64):
             for op in ("sum", "mean"):
@@ -164,6 +164,8 @@ def main() -> int:
                         for micro_batches in (1, 3):
                             model, leaves = build_model()
                             arena = Arena([q for _, q in model.named_parameters()], dtype=dtype)
+                            if comm.shared_memory:  # as the trainer does: gradients in the shared window
+                                arena.rehome_grads(comm.zeros(arena.total, arena.dtype))
                             reducer = BucketReducer(comm, arena, bucket_bytes=600, overlap=overlap, op=op,
                                                     progress=args.progress).attach(model)
                             label = f"{name} {np.dtype(dtype).name} {op} overlap={overlap} hooked={hooked} micro={micro_batches}"
@@ -207,6 +209,8 @@ def main() -> int:
                 pass
             reducer.finish()
             reducer.close()
+        if comm.shared_memory:
+            comm.free()  # collective: every arena above is done with
     gathered = world.gather(failures)
     if rank == 0:
         everything = [f for fs in gathered for f in fs]

@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 import hpcdl.comm
 
-ALGORITHMS = ("native", "ring", "recursive_doubling", "rabenseifner", "hierarchical", "auto")
+ALGORITHMS = ("native", "ring", "recursive_doubling", "rabenseifner", "hierarchical", "shm", "auto")
 SMALL = 2000  # sizes up to this run in every dtype and op in --quick mode
 
 
@@ -56,6 +56,35 @@ def variants(p: int, ranks_per_node):
     return out
 
 
+def shm_checks(comm, pool, rank: int, p: int) -> list[str]:
+    """Random floats against the NumPy reference (same order, so bit-equal), and a slice mismatch."""
+    from hpcdl.comm.shm import reference_sum
+
+    failures = []
+    n = 300007
+    mine = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+    buf = pool[3:3 + n]
+    buf[...] = mine
+    comm.allreduce(buf)
+    want = reference_sum(MPI.COMM_WORLD.allgather(mine))
+    if not np.array_equal(buf, want):
+        failures.append(f"shm random floats: rank {rank} differs from reference_sum at "
+                        f"{int(np.flatnonzero(buf != want)[0])}")
+    buf[...] = mine  # non-blocking: adds and copies in blocks, yielding the core between them
+    comm.start(buf, tag=9).wait()
+    if not np.array_equal(buf, want):
+        failures.append(f"shm random floats, start(): rank {rank} differs from reference_sum")
+    # Rank 0 passes another slice: every rank must raise (none may hang in a later barrier).
+    wrong = pool[1:1 + 100] if rank == 0 else pool[0:100]
+    try:
+        comm.allreduce(wrong)
+        failures.append(f"shm slice mismatch: rank {rank} did not raise")
+    except RuntimeError as exc:
+        if "different slices" not in str(exc):
+            failures.append(f"shm slice mismatch: rank {rank} raised {exc!r}")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranks-per-node", type=int, default=None)
@@ -71,6 +100,9 @@ def main() -> int:
     for label, name, options in variants(p, args.ranks_per_node):
         comm = hpcdl.comm.create(name, piece_kb=args.piece_kb, pipeline_depth=args.pipeline_depth, **options)
         assert comm.rank == rank and comm.size == p and comm.mpi_comm is world and comm.name == name
+        if comm.shared_memory:
+            pool32 = comm.zeros(2 * (max(sizes) + 8), np.float32)
+            pool = {"float32": pool32, "float64": pool32.view(np.float64)}
         for dtype in (np.float32, np.float64):
             for op in ("sum", "mean"):
                 for round_ in range(2):  # twice in a row: reused scratch must not leak state
@@ -79,6 +111,10 @@ def main() -> int:
                             continue
                         cases += 1
                         buf = contribution(rank, n, dtype, round_)
+                        if comm.shared_memory:  # in the shared window, at an offset that is no block boundary
+                            window = pool[np.dtype(dtype).name][5:5 + n]
+                            window[...] = buf
+                            buf = window
                         out = comm.allreduce(buf, op=op)
                         want = expected(p, n, dtype, round_, op)
                         digests = world.allgather(hashlib.sha1(buf.tobytes()).hexdigest())
@@ -94,6 +130,12 @@ def main() -> int:
         # Non-blocking path: several reductions in flight at once, each with its own tag.
         cases += 1
         bufs = [contribution(rank, n, np.float32, k) for k, n in enumerate((1001, 7, 2**16 + 1))]
+        if comm.shared_memory:  # three disjoint slices of the window, reduced concurrently
+            slices = []
+            for offset, b in zip((0, 2000, 3000), bufs):
+                slices.append(pool["float32"][offset:offset + b.size])
+                slices[-1][...] = b
+            bufs = slices
         handles = [comm.start(b, "sum", tag=k + 1) for k, b in enumerate(bufs)]
         while not all(h.test() for h in handles):
             pass
@@ -112,6 +154,10 @@ def main() -> int:
             for what, count in comm.traffic.as_dict().items():
                 if abs(count / optimal - 1) > 0.05:
                     failures.append(f"{label}: rank {rank} {what} {count} bytes, 2(p-1)/p·n = {optimal:.0f}")
+
+        if comm.shared_memory:
+            cases += 3
+            failures += shm_checks(comm, pool["float32"], rank, p)
 
         # Broadcast and object gather.
         cases += 1
