@@ -279,6 +279,13 @@ def _check_relations(config: Config, source: str):
     if config.log.trace_layers and not (steps or config.log.trace_file):
         raise ConfigError(f"{source}: log.trace_layers: no timeline to put the layers on; set log.trace_steps "
                           "or pass --trace FILE")
+    if config.comm.algorithm == "shm" and config.comm.fault_tolerance != "abort":
+        raise ConfigError(f"{source}: comm.algorithm: 'shm' cannot be combined with comm.fault_tolerance = "
+                          f"{config.comm.fault_tolerance!r}: its shared window belongs to one MPI world, which a "
+                          "shrink replaces; use 'ring' or 'hierarchical'")
+    if config.comm.algorithm == "shm" and config.runtime.device == "gpu":
+        raise ConfigError(f"{source}: comm.algorithm: 'shm' reduces host memory; with runtime.device = 'gpu' "
+                          "use 'ring', 'hierarchical' or 'native'")
     train = config.train
     if train.global_batch % train.accumulate_steps:
         raise ConfigError(

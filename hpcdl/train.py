@@ -277,14 +277,7 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
 def _share_gradients(r: Run, world) -> None:
     """comm.algorithm = shm: the gradient arena moves into the node's shared window, so the peers
     read each other's gradients in place (hpcdl.comm.shm). The window belongs to this one MPI world,
-    which a shrink or regrow replaces, so fault tolerance is refused with it."""
-    if r.fault_tolerance != "abort":
-        raise _collective(ConfigError(f"comm.algorithm = 'shm' cannot be combined with comm.fault_tolerance = "
-                                      f"{r.fault_tolerance!r}: its shared window belongs to one MPI world; "
-                                      "use 'ring' or 'hierarchical'"))
-    if r.arena.xp is not np:
-        raise _collective(ConfigError("comm.algorithm = 'shm' reduces host memory; with runtime.device = 'gpu' "
-                                      "use 'ring', 'hierarchical' or 'native'"))
+    which a shrink or regrow replaces, and to host memory: config validation refuses both combinations."""
     r.arena.rehome_grads(world.zeros(r.arena.total, r.arena.dtype))
 
 

@@ -47,6 +47,8 @@ def test_overrides_are_typed_toml_values():
     (["train.global_batch=10", "train.accumulate_steps=3"], "not divisible by train.accumulate_steps"),
     (["data.dataset='hdf5'"], "data.path"),
     (["epochs=3"], "expected section.key=value"),
+    (["comm.algorithm='shm'", "comm.fault_tolerance='shrink'"], "'shm' cannot be combined with comm.fault_tolerance"),
+    (["comm.algorithm='shm'", "runtime.device='gpu'"], "'shm' reduces host memory"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
