@@ -198,6 +198,9 @@ def test_maxpool_kernels_match_numpy_including_ties(window, dtype):
     K.maxpool(x, got, got_w, k, s, p)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_w, want_w)
+    values_only = np.full_like(got, np.nan)  # evaluation: no winners recorded
+    K.maxpool(x, values_only, None, k, s, p)
+    np.testing.assert_array_equal(values_only, want)
     dy = rng(1).standard_normal(want.shape).astype(dtype)
     want_dx, got_dx = np.full(x.shape, np.nan, dtype), np.full(x.shape, np.nan, dtype)
     K.maxpool_backward_numpy(dy, want_w, want_dx, k, s, p)
