@@ -276,6 +276,7 @@ def test_channel_major_layer_gradients_match_central_differences(case, monkeypat
 
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per im2col chunk
     monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES", 1)  # and per Winograd chunk
+    monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES_PER_THREAD", 1)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)  # every stride-1 3x3 convolution by Winograd
     make, shape = CM_GRADCHECK[case]
     layer = make()
@@ -323,6 +324,7 @@ def test_channel_major_model_equals_the_nchw_model(name, shape, options, chunk, 
     if chunk == "one_image":
         monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
         monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES_PER_THREAD", 1)
     monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 2 if conv3x3 == "winograd" else 10 ** 9)
     fast = models.build(name, shape, 5, input_grad=True, **options)
     assert fast.layers[0].channel_major and fast.layers[0].takes_nchw

@@ -61,9 +61,13 @@ CHUNK_BYTES = 8 << 20
 # dimension (the input channels) is too short for BLAS to win: a network's
 # 1- or 3-channel stem keeps im2col.
 WINOGRAD_MIN_CHANNELS = 16
-# chunk of the (16, C, tiles) transformed input per thread: 4 MB measured
-# best (3-8 MB within 3%) from 64 to 512 channels on one thread
+# chunk of the (16, C, tiles) transformed input: 4 MB measured best on one
+# thread (3-8 MB within 3%, 10% ahead of the whole batch at 64 channels and
+# 28x28). On several threads the 16 GEMMs of a chunk scale better when
+# wider: ResNet-50 (batch 16) on two threads ran 2.58-2.62 s a step with
+# 16 MB per thread, 2.68-2.74 s with 4 MB.
 WINOGRAD_CHUNK_BYTES = 4 << 20
+WINOGRAD_CHUNK_BYTES_PER_THREAD = 16 << 20
 
 
 class Conv2d(Module):
@@ -216,7 +220,9 @@ class Conv2d(Module):
         th, tw = layers_cpu.winograd_tiles(out_h, out_w)
         c = self.in_channels
         per_image = 16 * c * th * tw * dtype.itemsize
-        step = max(1, min(n, WINOGRAD_CHUNK_BYTES * layers_cpu.threads() // per_image))
+        threads = layers_cpu.threads()
+        budget = WINOGRAD_CHUNK_BYTES if threads == 1 else WINOGRAD_CHUNK_BYTES_PER_THREAD * threads
+        step = max(1, min(n, budget // per_image))
         tiles = step * th * tw
         buf = memory.workspace(16 * (c + rows) * tiles, dtype)
         for n0 in range(0, n, step):
