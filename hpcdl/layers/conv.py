@@ -27,6 +27,10 @@ W (O, K) @ cols (K, N*Ho*Wo) is the output, with no transposing copy:
   the GEMM finds the columns in cache. Backward builds the columns again
   instead of keeping them: a k*k-fold copy of every input alive from
   forward to backward is what made per-layer buffers cost gigabytes;
+* stride-1 3x3 convolutions with enough input channels use Winograd
+  F(2x2, 3x3) instead (Lavin & Gray 2016; kernels/layers_cpu.py): 16
+  GEMMs over transformed tiles, U (16, O, C) from the weights kept from
+  forward to backward, the transformed input V built again in backward;
 * `takes_nchw=True` (a network's first convolution) reads NCHW input
   through a transposed view and returns an NCHW input gradient;
 * `relu=True` applies the following ReLU in the bias pass after the GEMM
