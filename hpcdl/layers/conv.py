@@ -57,11 +57,11 @@ from hpcdl.kernels import layers_cpu
 CHUNK_BYTES = 8 << 20
 
 # Winograd F(2x2, 3x3) for stride-1 3x3 convolutions on the channel-major
-# path (kernels/layers_cpu.py): 16 GEMMs of C x O per 2x2 output tile instead
-# of 36 multiply-adds per output through im2col, and transforms that move 4x
-# the input instead of the 9x im2col columns. Measured per layer (forward +
-# backward, batch 128 at 28..4 pixels, 16 at 56..7) it took 0.6-0.8x the
-# time of im2col at 64 to 512 channels. Below MIN_CHANNELS the GEMMs' inner
+# path (kernels/layers_cpu.py): 16*C*O multiply-adds per 2x2 output tile
+# where im2col does 36*C*O, and transforms that move 4x the input instead of
+# the 9x im2col columns. Measured per layer (forward + backward, one thread,
+# batch 128 at 28 to 4 pixels) it took 0.6-0.85x the time of im2col at 64 to
+# 512 channels. Below MIN_CHANNELS the GEMMs' inner
 # dimension (the input channels) is too short for BLAS to win: a network's
 # 1- or 3-channel stem keeps im2col.
 WINOGRAD_MIN_CHANNELS = 16
