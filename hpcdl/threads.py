@@ -435,6 +435,12 @@ def apply(plan: ThreadPlan) -> ThreadPlan:
     # from the Numba kernels between GEMMs (a 2-thread ResNet-50 step ran
     # slower than a 1-thread one); 2^4 cycles lets them sleep almost at once.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    # The same for Numba's OpenMP pool (see kernels/layers_cpu.py). It must be
+    # exported here: libgomp reads it once, when it loads, and the
+    # numba.set_num_threads below loads it. Set only by the kernels' import,
+    # it came too late in every process that pinned threads first, and a GEMM
+    # right after a Numba kernel ran 12.8 ms instead of 8.8 on two threads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # NUMBA_NUM_THREADS fixes the size of Numba's pool when Numba loads (by
     # default the CPUs in the mask, or all CPUs in older Numba): below the count
     # would be wrong, above is harmless.

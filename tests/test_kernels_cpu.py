@@ -49,6 +49,72 @@ def test_im2col_and_col2im_match_numpy_for_image_ranges_and_strided_inputs(geome
         close(got_dx, want_dx, dtype)
 
 
+WINOGRAD = [  # (C, N, H, W, pad): odd and even sizes, tiles cut off at the edge, no padding, wide padding
+    (3, 4, 5, 4, 1), (2, 3, 6, 6, 1), (2, 3, 7, 7, 0), (4, 2, 4, 4, 1), (2, 2, 3, 5, 2), (1, 3, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geometry", WINOGRAD, ids=lambda g: "x".join(map(str, g)))
+def test_winograd_transforms_match_numpy_and_are_adjoint(geometry, dtype):
+    c, n, h, w, p = geometry
+    out_h, out_w = h + 2 * p - 2, w + 2 * p - 2
+    th, tw = K.winograd_tiles(out_h, out_w)
+    x = rng().standard_normal((c, n, h, w)).astype(dtype)
+    for first, count in ((0, n), (1, n - 1)):
+        t = count * th * tw
+        want, got = np.full((16, c, t), np.nan, dtype), np.full((16, c, t), np.nan, dtype)
+        K.winograd_input_numpy(x, want, p, first)
+        K.winograd_input(x, got, p, first)  # every entry written
+        close(got, want, dtype)
+        m = rng(1).standard_normal((16, 5, t)).astype(dtype)
+        want_y, got_y = np.full((5, n, out_h, out_w), 7.0, dtype), np.full((5, n, out_h, out_w), 7.0, dtype)
+        K.winograd_output_numpy(m, want_y, first)
+        K.winograd_output(m, got_y, first)
+        close(got_y, want_y, dtype)  # the 7s of other images too
+        dy = rng(2).standard_normal((5, n, out_h, out_w)).astype(dtype)
+        want_dm, got_dm = np.full(m.shape, np.nan, dtype), np.full(m.shape, np.nan, dtype)
+        K.winograd_output_adjoint_numpy(dy, want_dm, first)
+        K.winograd_output_adjoint(dy, got_dm, first)
+        close(got_dm, want_dm, dtype)
+        dv = rng(3).standard_normal(want.shape).astype(dtype)
+        want_dx, got_dx = np.full(x.shape, 7.0, dtype), np.full(x.shape, 7.0, dtype)
+        K.winograd_input_adjoint_numpy(dv, want_dx, p, first)
+        K.winograd_input_adjoint(dv, got_dx, p, first)
+        close(got_dx, want_dx, dtype)
+        part = slice(first, first + count)
+        # <T x, y> == <x, T^T y> for both transforms, in float64
+        np.testing.assert_allclose(np.vdot(want_y[:, part], dy[:, part]), np.vdot(m, want_dm), rtol=1e-4)
+        np.testing.assert_allclose(np.vdot(want, dv), np.vdot(x[:, part], want_dx[:, part]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_convolution_equals_im2col(dtype):
+    c, n, h, w, o = 3, 2, 7, 6, 4
+    x = rng().standard_normal((c, n, h, w)).astype(dtype)
+    g = rng(1).standard_normal((o, c, 3, 3)).astype(dtype)
+    for p in (0, 1, 2):
+        out_h, out_w = h + 2 * p - 2, w + 2 * p - 2
+        th, tw = K.winograd_tiles(out_h, out_w)
+        u, v = np.empty((16, o, c), dtype), np.empty((16, c, n * th * tw), dtype)
+        K.winograd_weight_numpy(g, u)
+        fast_u = np.full_like(u, np.nan)
+        K.winograd_weight(g, fast_u)
+        close(fast_u, u, dtype)
+        K.winograd_input(x, v, p)
+        y = np.empty((o, n, out_h, out_w), dtype)
+        K.winograd_output(u @ v, y)
+        cols = np.empty((c, 3, 3, n, out_h, out_w), dtype)
+        K.im2col_numpy(x, cols, 3, 1, p)
+        close(y, (g.reshape(o, -1) @ cols.reshape(c * 9, -1)).reshape(y.shape), dtype)
+        du = rng(2).standard_normal(u.shape).astype(dtype)  # the filter transform's adjoint
+        dg, fast_dg = np.empty_like(g), np.full_like(g, np.nan)
+        K.winograd_weight_adjoint_numpy(du, dg)
+        K.winograd_weight_adjoint(du, fast_dg)
+        close(fast_dg, dg, dtype)
+        np.testing.assert_allclose(np.vdot(u, du), np.vdot(g, dg), rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_subsample_and_upsample_match_numpy(dtype):
     x = rng().standard_normal((3, 2, 7, 6)).astype(dtype)
@@ -132,6 +198,9 @@ def test_maxpool_kernels_match_numpy_including_ties(window, dtype):
     K.maxpool(x, got, got_w, k, s, p)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_w, want_w)
+    values_only = np.full_like(got, np.nan)  # evaluation: no winners recorded
+    K.maxpool(x, values_only, None, k, s, p)
+    np.testing.assert_array_equal(values_only, want)
     dy = rng(1).standard_normal(want.shape).astype(dtype)
     want_dx, got_dx = np.full(x.shape, np.nan, dtype), np.full(x.shape, np.nan, dtype)
     K.maxpool_backward_numpy(dy, want_w, want_dx, k, s, p)
@@ -185,6 +254,8 @@ def channel_major(module):
 
 CM_GRADCHECK = {
     "conv3x3": (lambda: Conv2d(2, 3, 3, padding=1), (2, 3, 5, 4)),
+    "conv3x3_im2col": (lambda: _im2col_only(Conv2d(2, 3, 3, padding=1)), (2, 3, 5, 4)),
+    "conv3x3_p0_winograd": (lambda: Conv2d(2, 3, 3, bias=False), (2, 3, 6, 5)),
     "conv3x3_s2": (lambda: Conv2d(3, 2, 3, stride=2, padding=1, bias=False), (3, 2, 7, 6)),
     "conv1x1_s2": (lambda: Conv2d(3, 2, 1, stride=2), (3, 2, 5, 5)),
     "conv5x5_valid": (lambda: Conv2d(2, 2, 5), (2, 2, 7, 6)),
@@ -194,13 +265,24 @@ CM_GRADCHECK = {
 }
 
 
+def _im2col_only(layer):
+    layer.uses_winograd = lambda: False
+    return layer
+
+
 @pytest.mark.parametrize("case", sorted(CM_GRADCHECK))
 def test_channel_major_layer_gradients_match_central_differences(case, monkeypatch):
     from hpcdl.layers import conv
 
     monkeypatch.setattr(conv, "CHUNK_BYTES", 1)  # one image per im2col chunk
+    monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES", 1)  # and per Winograd chunk
+    monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)  # every stride-1 3x3 convolution by Winograd
     make, shape = CM_GRADCHECK[case]
-    errors = check_module(channel_major(make()), rng(1).standard_normal(shape))
+    layer = make()
+    if case.startswith("conv3x3") and not case.endswith("s2"):
+        assert layer.uses_winograd() == (case != "conv3x3_im2col")
+    errors = check_module(channel_major(layer), rng(1).standard_normal(shape))
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-6, f"gradient of {worst} off by {errors[worst]:.2e}: {errors}"
 
@@ -235,16 +317,22 @@ def _run(model, dtype, x, labels, steps=2):
     ("resnet50", (3, 64, 64), {"width": 0.25, "stem": "imagenet"}),
 ])
 @pytest.mark.parametrize("chunk", ["whole_batch", "one_image"])
-def test_channel_major_model_equals_the_nchw_model(name, shape, options, chunk, monkeypatch):
+@pytest.mark.parametrize("conv3x3", ["winograd", "im2col"])
+def test_channel_major_model_equals_the_nchw_model(name, shape, options, chunk, conv3x3, monkeypatch):
     from hpcdl.layers import conv
 
     if chunk == "one_image":
         monkeypatch.setattr(conv, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv, "WINOGRAD_CHUNK_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 2 if conv3x3 == "winograd" else 10 ** 9)
     fast = models.build(name, shape, 5, input_grad=True, **options)
     assert fast.layers[0].channel_major and fast.layers[0].takes_nchw
     monkeypatch.setattr(models, "channel_major_trunk", lambda m: m)
     plain = models.build(name, shape, 5, input_grad=True, **options)
     assert not plain.layers[0].channel_major
+    winograd = [m for m in fast.modules() if isinstance(m, Conv2d) and m.uses_winograd()]
+    assert bool(winograd) == (conv3x3 == "winograd")
     x = rng().standard_normal((3, *shape))
     labels = np.arange(3) % 5
     for got, want in zip(_run(fast, np.float64, x, labels), _run(plain, np.float64, x, labels)):

@@ -266,6 +266,23 @@ def test_pin_exports_the_count_and_raises_a_lower_numba_pool_and_resizes_a_loade
     assert result["after"] == [1, 1]
 
 
+def test_pin_sets_a_passive_openmp_pool_before_numba_loads_it_unless_the_user_chose():
+    # libgomp reads OMP_WAIT_POLICY once, when it loads; numba.set_num_threads in pin_threads loads it
+    code = textwrap.dedent("""
+        import os, sys
+        from hpcdl.threads import pin_threads
+        pin_threads(1)
+        from numba.np.ufunc import parallel
+        print(os.environ.get("OMP_WAIT_POLICY"), parallel._is_initialized)
+    """)
+    env = {k: v for k, v in clean_env().items() if k != "OMP_WAIT_POLICY"}
+    for extra, want in (({}, "PASSIVE True"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == want
+
+
 # -- real mpiexec runs ----------------------------------------------------------------
 
 PROBE = textwrap.dedent("""

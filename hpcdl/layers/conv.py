@@ -27,6 +27,10 @@ W (O, K) @ cols (K, N*Ho*Wo) is the output, with no transposing copy:
   the GEMM finds the columns in cache. Backward builds the columns again
   instead of keeping them: a k*k-fold copy of every input alive from
   forward to backward is what made per-layer buffers cost gigabytes;
+* stride-1 3x3 convolutions with enough input channels use Winograd
+  F(2x2, 3x3) instead (Lavin & Gray 2016; kernels/layers_cpu.py): 16
+  GEMMs over transformed tiles, U (16, O, C) from the weights kept from
+  forward to backward, the transformed input V built again in backward;
 * `takes_nchw=True` (a network's first convolution) reads NCHW input
   through a transposed view and returns an NCHW input gradient;
 * `relu=True` applies the following ReLU in the bias pass after the GEMM
@@ -51,6 +55,25 @@ from hpcdl.kernels import layers_cpu
 # convolution on one thread (the GEMM reads columns im2col has just written,
 # still in cache).
 CHUNK_BYTES = 8 << 20
+
+# Winograd F(2x2, 3x3) for stride-1 3x3 convolutions on the channel-major
+# path (kernels/layers_cpu.py): 16*C*O multiply-adds per 2x2 output tile
+# where im2col does 36*C*O, and transforms that move 4x the input instead of
+# the 9x im2col columns. Measured per layer (forward + backward, one thread,
+# batch 128 at 28 to 4 pixels) it took 0.6-0.85x the time of im2col at 64 to
+# 512 channels. Below MIN_CHANNELS im2col stays: at 1 or 3 channels (a
+# stem) the GEMMs' inner dimension is too short for BLAS, and at 32
+# (fmnist_cnn's second convolution, 1.1x faster by Winograd) its float32
+# rounding moved 1-rank and 2-rank training apart by 4.9e-5 in 20 steps,
+# beyond the 1e-5 that tests/test_train.py holds for the main job.
+WINOGRAD_MIN_CHANNELS = 64
+# chunk of the (16, C, tiles) transformed input: 4 MB measured best on one
+# thread (3-8 MB within 3%, 10% ahead of the whole batch at 64 channels and
+# 28x28). On several threads the 16 GEMMs of a chunk scale better when
+# wider: ResNet-50 (batch 16) on two threads ran 2.58-2.62 s a step with
+# 16 MB per thread, 2.68-2.74 s with 4 MB.
+WINOGRAD_CHUNK_BYTES = 4 << 20
+WINOGRAD_CHUNK_BYTES_PER_THREAD = 16 << 20
 
 
 class Conv2d(Module):
@@ -79,6 +102,12 @@ class Conv2d(Module):
         self.takes_nchw = False
         self.relu = False
         self._out = None
+        self._wino_u = None
+
+    def uses_winograd(self) -> bool:
+        """Whether the channel-major path computes this convolution with Winograd F(2x2, 3x3)."""
+        return (self.kernel == 3 and self.stride == 1 and self.padding <= 2
+                and self.in_channels >= WINOGRAD_MIN_CHANNELS)
 
     def _plan(self, height: int, width: int) -> WindowPlan:
         plan = self._plans.get((height, width))
@@ -178,8 +207,11 @@ class Conv2d(Module):
         y2 = y.reshape(self.out_channels, -1)
         w2 = self.weight.data.reshape(self.out_channels, -1)
         plane = out_h * out_w
+        self._wino_u = None
         if self.kernel == 1 and self.padding == 0:
             np.matmul(w2, self._subsampled(xv, out_h, out_w), out=y2)
+        elif self.uses_winograd() and xv.flags.c_contiguous:
+            self._forward_winograd(xv, y)
         else:
             for n0, count, cols in self._chunks(xv, out_h, out_w):
                 # a column block of y is a strided view: BLAS writes it in place
@@ -188,6 +220,54 @@ class Conv2d(Module):
             layers_cpu.bias_relu(y2, self.bias.data if self.has_bias else None, self.relu)
         self._cache = (xv, y2, (h, w, out_h, out_w)) if self.training else None
         return y
+
+    def _winograd_chunks(self, n: int, out_h: int, out_w: int, dtype, rows: int):
+        """(first image, count, V, M) per chunk: V (16, C, T) and M (16, rows, T) in the shared workspace."""
+        th, tw = layers_cpu.winograd_tiles(out_h, out_w)
+        c = self.in_channels
+        per_image = 16 * c * th * tw * dtype.itemsize
+        threads = layers_cpu.threads()
+        budget = WINOGRAD_CHUNK_BYTES if threads == 1 else WINOGRAD_CHUNK_BYTES_PER_THREAD * threads
+        step = max(1, min(n, budget // per_image))
+        tiles = step * th * tw
+        buf = memory.workspace(16 * (c + rows) * tiles, dtype)
+        for n0 in range(0, n, step):
+            count = min(step, n - n0)
+            t = count * th * tw
+            v = buf[:16 * c * t].reshape(16, c, t)
+            m = buf[16 * c * tiles:16 * c * tiles + 16 * rows * t].reshape(16, rows, t)
+            yield n0, count, v, m
+
+    def _forward_winograd(self, xv, y):
+        o, n, out_h, out_w = y.shape
+        u = np.empty((16, o, self.in_channels), xv.dtype)
+        layers_cpu.winograd_weight(self.weight.data, u)
+        for n0, count, v, m in self._winograd_chunks(n, out_h, out_w, xv.dtype, o):
+            layers_cpu.winograd_input(xv, v, self.padding, n0)
+            np.matmul(u, v, out=m)
+            layers_cpu.winograd_output(m, y, n0)
+        # the weights do not change before backward, which needs U^T
+        self._wino_u = u if self.training else None
+
+    def _backward_winograd(self, xv, dy, dw, dx):
+        u, self._wino_u = self._wino_u, None
+        o, n, out_h, out_w = dy.shape
+        du = memory.pool.take(u.shape, dy.dtype)
+        part = memory.pool.take(u.shape, dy.dtype)
+        ut = u.transpose(0, 2, 1)
+        for n0, count, v, m in self._winograd_chunks(n, out_h, out_w, dy.dtype, o):
+            layers_cpu.winograd_output_adjoint(dy, m, n0)
+            layers_cpu.winograd_input(xv, v, self.padding, n0)
+            np.matmul(m, v.transpose(0, 2, 1), out=du if n0 == 0 else part)
+            if n0:
+                du += part
+            if dx is not None:
+                # V is spent: its gradient takes the same workspace
+                np.matmul(ut, m, out=v)
+                layers_cpu.winograd_input_adjoint(v, dx, self.padding, n0)
+        layers_cpu.winograd_weight_adjoint(du, dw.reshape(self.weight.shape))
+        memory.pool.give(du)
+        memory.pool.give(part)
 
     def _backward_cm(self, dy):
         xv, y2, (h, w, out_h, out_w) = self._cache
@@ -211,7 +291,10 @@ class Conv2d(Module):
         dw = memory.pool.take(w2.shape, dy.dtype)
         dx = memory.pool.take((c, n, h, w), dy.dtype) if self.input_grad else None
         plane = out_h * out_w
-        if k == 1 and p == 0:
+        if self._wino_u is not None:
+            self._backward_winograd(xv, dy2.reshape(o, n, out_h, out_w), dw, dx)
+            grad2 += dw
+        elif k == 1 and p == 0:
             np.matmul(dy2, self._subsampled(xv, out_h, out_w).T, out=dw)
             grad2 += dw
             if dx is not None and s == 1:
