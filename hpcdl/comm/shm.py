@@ -12,8 +12,10 @@ through memory per rank. When the buffer itself lives in a shared window
 2. every rank copies the other finished shards out of their owners' buffers
    (allgather: reads and writes (k-1)/k·n).
 
-That is 2.5n bytes at p = 2 against memcpy's 2n, the floor for any
-allreduce that must read both operands. The three synchronisation points
+At p = 2 that is 2.5n-3n bytes of memory traffic per rank, counting the
+write-allocate read of a store to an uncached line: the same as a memcpy of
+n (read, write-allocate, write), which no allreduce that must read both
+operands can beat by much (docs/comm.md). The three synchronisation points
 (everyone's data is ready; every shard is reduced; every copy is done, so a
 buffer may be written again) are `MPI_Win_sync` plus a dissemination
 barrier (Hensgen, Finkel & Manber 1988) of tiny point-to-point messages
@@ -248,7 +250,7 @@ class ShmCommunicator(Communicator):
                 nodes = self._comm.raw.allreduce(1 if node.Get_rank() == 0 else 0)
                 node.Free()
                 raise ConfigError(f"comm.algorithm = 'shm' needs every rank on one node; these {self.size} ranks "
-                                  f"are on {nodes} nodes (use 'hierarchical', whose node phase can share memory)")
+                                  f"are on {nodes} nodes (use 'hierarchical' or 'ring')")
             self.node_comm = CountingComm(node, self.traffic)
 
     def zeros(self, n: int, dtype=np.float32) -> np.ndarray:
