@@ -271,3 +271,31 @@ def test_fmnist_cnn_reaches_91_percent_in_15_epochs_of_momentum_sgd():
     correct = sum(count_correct(model.forward(x_test[i:i + 1000]), y_test[i:i + 1000]) for i in range(0, 10000, 1000))
     print(f"fmnist_cnn test accuracy after {epochs} epochs: {correct / len(y_test):.4f}")
     assert correct / len(y_test) >= 0.91
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn", "resnet18", "resnet50"])
+def test_a_training_step_after_the_first_allocates_no_large_arrays(name):
+    """Workspaces, forward outputs, gradients and Winograd's transformed weights are reused between steps."""
+    import tracemalloc
+
+    model, arena, x, labels = built(name)
+    assert name == "fmnist_cnn" or any(getattr(m, "uses_winograd", lambda: False)() for m in model.modules())
+
+    def step():
+        arena.zero_grads()
+        _, dlogits = softmax_cross_entropy(model.forward(x), labels)
+        model.backward(dlogits)
+
+    tracemalloc.start()
+    try:
+        peaks = []
+        for _ in range(3):
+            tracemalloc.reset_peak()
+            start = tracemalloc.get_traced_memory()[0]
+            step()
+            peaks.append(tracemalloc.get_traced_memory()[1] - start)
+    finally:
+        tracemalloc.stop()
+    # the first step allocates everything; the later ones only small temporaries
+    assert peaks[1] < 1 << 20 and peaks[2] < 1 << 20, (name, peaks)
+    assert peaks[0] > 32 * peaks[2], (name, peaks)

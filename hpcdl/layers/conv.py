@@ -103,6 +103,7 @@ class Conv2d(Module):
         self.relu = False
         self._out = None
         self._wino_u = None
+        self._wino_buffer = None  # U's memory, reused from step to step
 
     def uses_winograd(self) -> bool:
         """Whether the channel-major path computes this convolution with Winograd F(2x2, 3x3)."""
@@ -240,7 +241,9 @@ class Conv2d(Module):
 
     def _forward_winograd(self, xv, y):
         o, n, out_h, out_w = y.shape
-        u = np.empty((16, o, self.in_channels), xv.dtype)
+        u = self._wino_buffer
+        if u is None or u.shape != (16, o, self.in_channels) or u.dtype != xv.dtype:
+            u = self._wino_buffer = np.empty((16, o, self.in_channels), xv.dtype)
         layers_cpu.winograd_weight(self.weight.data, u)
         for n0, count, v, m in self._winograd_chunks(n, out_h, out_w, xv.dtype, o):
             layers_cpu.winograd_input(xv, v, self.padding, n0)
