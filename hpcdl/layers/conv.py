@@ -71,9 +71,11 @@ WINOGRAD_MIN_CHANNELS = 64
 # thread (3-8 MB within 3%, 10% ahead of the whole batch at 64 channels and
 # 28x28). On several threads the 16 GEMMs of a chunk scale better when
 # wider: ResNet-50 (batch 16) on two threads ran 2.58-2.62 s a step with
-# 16 MB per thread, 2.68-2.74 s with 4 MB.
+# 16 MB per thread, 2.68-2.74 s with 4 MB. 8 MB ran as fast as 16 (6.38 and
+# 6.29 images/s in two runs) with 31 MB less peak RSS, which on this step
+# is the margin against PyTorch's.
 WINOGRAD_CHUNK_BYTES = 4 << 20
-WINOGRAD_CHUNK_BYTES_PER_THREAD = 16 << 20
+WINOGRAD_CHUNK_BYTES_PER_THREAD = 8 << 20
 
 
 class Conv2d(Module):
