@@ -235,7 +235,7 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
     config, train_cfg, data_cfg = r.config, r.config.train, r.config.data
     world = comm.create(config.comm.algorithm, mpi_comm=mpi_comm, crossovers=config.comm.crossovers or None,
                         ranks_per_node=config.comm.ranks_per_node or None, piece_kb=config.comm.piece_kb or None,
-                        pipeline_depth=config.comm.pipeline_depth)
+                        pipeline_depth=config.comm.pipeline_depth, shared_window=_windows_allowed(config))
     r.world = world
     if world.shared_memory and world.size > 1:
         _share_gradients(r, world)
@@ -274,10 +274,17 @@ def _connect(r: Run, mpi_comm, loop: Loop | None) -> None:
         r.progress = Progress(r.total_steps, enabled=config.log.progress)
 
 
+def _windows_allowed(config) -> bool:
+    """comm.shared_window, where a window can work: it belongs to one MPI world, which a shrink or
+    regrow replaces, and to host memory (for shm itself config validation refuses both combinations)."""
+    return (config.comm.shared_window and config.comm.fault_tolerance == "abort"
+            and config.runtime.device != "gpu")
+
+
 def _share_gradients(r: Run, world) -> None:
-    """comm.algorithm = shm: the gradient arena moves into the node's shared window, so the peers
-    read each other's gradients in place (hpcdl.comm.shm). The window belongs to this one MPI world,
-    which a shrink or regrow replaces, and to host memory: config validation refuses both combinations."""
+    """The gradient arena moves into the node's shared window (comm.algorithm = shm, or ring and
+    hierarchical with comm.shared_window), so the peers read each other's gradients in place
+    (hpcdl.comm.window)."""
     r.arena.rehome_grads(world.zeros(r.arena.total, r.arena.dtype))
 
 

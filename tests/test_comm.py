@@ -363,22 +363,37 @@ def test_fit_bench_and_step_time_prediction():
 
 @pytest.mark.parametrize("k", [2, 3, 5])
 @pytest.mark.parametrize("polite", [False, True])
-def test_shm_shard_sum_matches_the_numpy_reference_bit_for_bit(k, polite):
-    """Every owner's shard (in place for ranks 0 and 1, through scratch for the others), blocked or not,
-    against `reference_sum`'s left-to-right rank order; random floats, so any other order would show."""
-    from hpcdl.comm import shm
+@pytest.mark.parametrize("targets", ["all", "owner"])
+def test_window_shard_sum_matches_the_numpy_reference_bit_for_bit(k, polite, targets):
+    """`sum_into` for every owner's shard, stored into every buffer (shm) or only the owner's (the
+    hierarchical node phase; in place for owners 0 and 1, through scratch for the others), blocked and
+    yielding or not, against `reference_sum`'s left-to-right rank order. Random floats, so any other
+    order would show; and nothing outside the shard, or in a buffer not targeted, may change."""
+    from hpcdl.comm import window
 
     n = 300007
     rng = np.random.default_rng(k)
     original = [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
-    want = shm.reference_sum(original)
+    want = window.reference_sum(original)
     bounds = [n * i // k for i in range(k + 1)]
     for owner in range(k):
         buffers = [b.copy() for b in original]
-        scratch = np.empty(shm.BLOCK_BYTES // 4, np.float32)
-        shm.reduce_shard(buffers, buffers[owner], bounds[owner], bounds[owner + 1], scratch, polite)
+        scratch = np.full(window.BLOCK_BYTES // 4, np.nan, np.float32)
+        chosen = list(range(k)) if targets == "all" else [owner]
         lo, hi = bounds[owner], bounds[owner + 1]
-        assert np.array_equal(buffers[owner][lo:hi], want[lo:hi])
-        # nothing outside the owner's shard, and no other rank's buffer, was touched
-        assert np.array_equal(np.delete(buffers[owner], np.s_[lo:hi]), np.delete(original[owner], np.s_[lo:hi]))
-        assert all(np.array_equal(buffers[j], original[j]) for j in range(k) if j != owner)
+        window.sum_into(buffers, lo, hi, targets=chosen, scratch=scratch, polite=polite)
+        for j in range(k):
+            assert np.array_equal(np.delete(buffers[j], np.s_[lo:hi]), np.delete(original[j], np.s_[lo:hi]))
+            assert np.array_equal(buffers[j][lo:hi], want[lo:hi] if j in chosen else original[j][lo:hi])
+
+
+def test_window_copy_reaches_every_destination_and_only_the_range():
+    from hpcdl.comm import window
+
+    n = 3 * window.BLOCK_BYTES // 4 + 11  # several blocks and a ragged end
+    source = np.arange(n, dtype=np.float64)
+    destinations = [np.zeros(n), source, np.full(n, -1.0)]
+    window.copy_into(source, destinations, 5, n - 3, polite=True)
+    assert np.array_equal(destinations[0][5:n - 3], source[5:n - 3]) and not destinations[0][:5].any()
+    assert np.all(destinations[2][n - 3:] == -1) and np.array_equal(destinations[2][5:n - 3], source[5:n - 3])
+    assert np.array_equal(source, np.arange(n, dtype=np.float64))

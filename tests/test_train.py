@@ -42,16 +42,25 @@ def test_two_ranks_follow_one_rank(tmp_path, model_args):
     assert a["final_loss"] < first_logged["loss"]
 
 
-def test_shared_window_gradients_train_like_the_ring(tmp_path):
-    """comm.algorithm = shm moves the arena's gradients into the node's shared window; at p = 2 each sum
-    is one addition either way, so the run must match the point-to-point ring bit for bit."""
-    ring = launch([*TINY, "--out", str(tmp_path / "ring"), "--set", "comm.algorithm='ring'"], ranks=2)
-    shm = launch([*TINY, "--out", str(tmp_path / "shm"), "--set", "comm.algorithm='shm'"], ranks=2)
-    assert ring.returncode == 0, ring.stderr[-3000:]
-    assert shm.returncode == 0, shm.stderr[-3000:]
-    assert shm.summary["steps"] == ring.summary["steps"] == 20
-    assert shm.summary["param_norm"] == ring.summary["param_norm"]
-    assert shm.summary["final_loss"] == ring.summary["final_loss"]
+def test_shared_window_gradients_train_like_the_point_to_point_ring(tmp_path):
+    """The gradient arena moves into the node's shared window for shm, and for the ring with
+    comm.shared_window (the default). The ring over the window adds in the point-to-point ring's
+    order, so at 3 ranks the runs must match bit for bit; at p = 2 each of shm's sums is one addition
+    too, so shm must match the ring there."""
+    p2p = "comm.shared_window=false"
+    runs = {
+        "ring2": launch([*TINY, "--out", str(tmp_path / "r2"), "--set", "comm.algorithm='ring'", "--set", p2p], ranks=2),
+        "shm2": launch([*TINY, "--out", str(tmp_path / "s2"), "--set", "comm.algorithm='shm'"], ranks=2),
+        "ring3": launch([*TINY, "--out", str(tmp_path / "r3"), "--set", "comm.algorithm='ring'", "--set", p2p, "--set", "train.global_batch=48"], ranks=3),
+        "window3": launch([*TINY, "--out", str(tmp_path / "w3"), "--set", "comm.algorithm='ring'", "--set", "train.global_batch=48"], ranks=3),
+    }
+    for name, run in runs.items():
+        assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
+        assert run.summary["steps"] == 20
+    assert "through a shared window" in runs["window3"].stderr and "point-to-point" in runs["ring3"].stderr
+    for a, b in (("shm2", "ring2"), ("window3", "ring3")):
+        assert runs[a].summary["param_norm"] == runs[b].summary["param_norm"], (a, b)
+        assert runs[a].summary["final_loss"] == runs[b].summary["final_loss"], (a, b)
 
 
 def test_gradient_accumulation_matches_more_ranks(tmp_path):

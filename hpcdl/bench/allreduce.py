@@ -11,6 +11,12 @@ min/max and quartiles, algorithm bandwidth (bytes / time), bus bandwidth
 bandwidth-optimal allreduce, as in nccl-tests), and the time relative to
 `native` in the same run.
 
+`ring+window` and `hierarchical+window` are those algorithms with their
+shared-window transport (`comm.shared_window`, the trainer's default): the
+buffer is allocated in the communicator's MPI-3 shared window and on-node
+links are loads instead of messages. Plain `ring` is point-to-point.
+`--unpipelined ring` adds the point-to-point ring with one piece in flight.
+
 The ResNet-50 part reduces the 161 gradient tensors of ResNet-50 (25.56 M
 float32 parameters): one `MPI_Allreduce` per tensor versus hpcdl's
 `BucketReducer` over an arena of the same shapes. With `--backward-ms` it
@@ -127,6 +133,8 @@ class _Timer:
         return samples
 
 
+# Algorithms with a shared-window transport: "ring+window" is the ring reducing a buffer in its window.
+WINDOWED = ("ring", "hierarchical")
 MEMCPY = "memcpy"  # not an allreduce: a copy of the buffer on every rank at once, the yardstick
 
 
@@ -226,9 +234,15 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     shapes = resnet50_shapes()
     arena, params = _arena_of(shapes, dtype)
     comms = {name: comm_factory(name) for name in bucketed_algorithms}
-    shared = [c for c in comms.values() if c.shared_memory]
-    if shared:  # as the trainer does: the gradients live in the shared window, for every variant alike
-        arena.rehome_grads(shared[0].zeros(arena.total, arena.dtype))
+    shared = [name for name, c in comms.items() if c.shared_memory]
+    # As the trainer does, a communicator with a shared window reduces gradients that live in it: the
+    # first one's window holds the arena the MPI baselines reduce too (same memory for all), every other
+    # one gets a copy of the arena in its own window.
+    arenas = {name: (arena, params) for name in comms}
+    for i, name in enumerate(shared):
+        if i:
+            arenas[name] = _arena_of(shapes, dtype)
+        arenas[name][0].rehome_grads(comms[name].zeros(arena.total, arena.dtype))
     mpi_comm = timer.comm
     mpi_type = MPI.FLOAT if np.dtype(dtype) == np.float32 else MPI.DOUBLE
     per_tensor = [arena.grad_view(name).reshape(-1) for name, _ in shapes]
@@ -242,7 +256,7 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     variants["flat_native"] = lambda: flat_native.allreduce(arena.grads)
     reducers = {}
     for name in bucketed_algorithms:
-        reducer = BucketReducer(comms[name], arena, bucket_bytes=bucket_bytes, overlap=False)
+        reducer = BucketReducer(comms[name], arenas[name][0], bucket_bytes=bucket_bytes, overlap=False)
         reducers[name] = reducer
 
         def bucketed(reducer=reducer):
@@ -251,7 +265,11 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
 
         variants[f"bucketed_{name}"] = bucketed
 
-    samples = timer.interleaved(variants, repeats, warmup, before=lambda: arena.grads.fill(1))
+    def refill():
+        for a in {id(a): a for a, _ in arenas.values()}.values():
+            a.grads.fill(1)
+
+    samples = timer.interleaved(variants, repeats, warmup, before=refill)
     result = {
         "tensors": len(shapes),
         "parameters": int(arena.num_parameters),
@@ -263,7 +281,8 @@ def resnet50_study(comm_factory, timer: _Timer, dtype, repeats: int, warmup: int
     base = result["times"]["per_tensor_native"]["median_s"]
     result["vs_per_tensor_native"] = {k: v["median_s"] / base for k, v in result["times"].items()}
     if backward_ms > 0 and bucketed_algorithms:
-        result["overlap"] = overlap_study(comms[bucketed_algorithms[0]], bucketed_algorithms[0], arena, params,
+        first = bucketed_algorithms[0]
+        result["overlap"] = overlap_study(comms[first], first, *arenas[first],
                                           timer, repeats, warmup, overlap_bucket_bytes or bucket_bytes, backward_ms)
         result["overlap"]["bucket_bytes"] = overlap_bucket_bytes or bucket_bytes
     return result
@@ -415,18 +434,22 @@ def main(argv=None) -> int:
 
     algorithms = [a for a in args.algorithms.split(",") if a]
     bucketed = [a for a in args.bucketed.split(",") if a]
-    for name in algorithms + bucketed:
+    for label in algorithms + bucketed:
+        name, plus, transport = label.partition("+")
         if name not in hpcdl.comm.ALGORITHMS:
             raise UserError(f"--algorithms/--bucketed: unknown algorithm {name!r}; known: {', '.join(hpcdl.comm.ALGORITHMS)}")
+        if plus and (transport != "window" or name not in WINDOWED):
+            raise UserError(f"--algorithms/--bucketed: {label!r}: only {' and '.join(WINDOWED)} take '+window'")
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     if args.repeats < 1 or not sizes:
         raise UserError("--repeats must be >= 1 and --sizes non-empty")
     dtype = np.dtype(args.dtype)
     world = MPI.COMM_WORLD
 
-    def factory(name):
+    def factory(label):
+        name, _, transport = label.partition("+")
         return hpcdl.comm.create(name, world, ranks_per_node=args.ranks_per_node, crossovers=args.crossovers,
-                                 piece_kb=args.piece_kb)
+                                 piece_kb=args.piece_kb, shared_window=transport == "window" or None)
 
     comms = {name: factory(name) for name in algorithms}
     for name in [a for a in args.unpipelined.split(",") if a]:

@@ -28,7 +28,7 @@ ALGORITHMS = {
 }
 # Options some algorithms take; each class receives the ones its constructor names,
 # so one config section can be passed whatever the algorithm.
-OPTIONS = ("ranks_per_node", "crossovers", "piece_kb", "pipeline_depth")
+OPTIONS = ("ranks_per_node", "crossovers", "piece_kb", "pipeline_depth", "shared_window")
 
 
 def communicator_class(name: str):
@@ -45,7 +45,8 @@ def create(name: str, mpi_comm=None, **options):
 
     Collective: duplicates `mpi_comm`, so every rank must call it in the same order.
     Options: `ranks_per_node=k` (hierarchical, auto) fakes nodes of k ranks;
-    `crossovers=path|dict` (auto) replaces the default crossover table.
+    `crossovers=path|dict` (auto) replaces the default crossover table;
+    `shared_window=True` (ring, hierarchical) reduces buffers from `zeros` through an MPI-3 shared window.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:

@@ -235,6 +235,8 @@ class AutoCommunicator(Communicator):
                       else "perfmodel.DEFAULT_COSTS (fitted on the 2-core development host)")
             self.why = f"alpha-beta-gamma model: {reason}; {source}"
         names = sorted({rule["algorithm"] for rule in self.rules})
+        # Not shared_window: auto's own buffers are plain, so its ring would only hold an idle window.
+        options.pop("shared_window", None)
         self.algorithms = {name: create(name, self.mpi_comm, **options) for name in names}
 
     def choose(self, nbytes: int) -> str:

@@ -9,10 +9,26 @@ holds the complete sum of chunk (r + 1) mod p. In p - 1 allgather steps the
 finished chunks travel once more around the ring. Each rank sends and
 receives 2(p - 1)/p · n elements in total, whatever p is: bandwidth-optimal,
 at the price of 2(p - 1) message latencies.
+
+With `shared_window=True` and every rank on one node, buffers from
+`zeros(n)` live in an MPI-3 shared window (`hpcdl.comm.window`) and the
+ring's links become loads: in reduce-scatter step s a rank adds its left
+neighbour's partial chunk straight out of the neighbour's segment, once a
+16-byte token says that chunk is ready, so no message carries data and
+nothing lands in a receive buffer first. The schedule and the order of
+every addition are the point-to-point ring's, so the bits are too. This is
+the ring over a shared-memory transport, as NCCL runs its ring over SHM or
+P2P links inside a node. Other buffers, and rings that span nodes, take
+the point-to-point path (per-link transports on a multi-node ring are not
+done: `hierarchical` with `shared_window` is the multi-node algorithm).
 """
 from __future__ import annotations
 
-from hpcdl.comm.base import DEFAULT_PIECES, Communicator, Pieces, Schedule, adder, chunk_bounds, fence, is_host
+import numpy as np
+
+from hpcdl.comm.base import (DEFAULT_PIECES, Communicator, Pieces, Schedule, adder, chunk_bounds,
+                             fence, is_host)
+from hpcdl.comm.window import NodeWindow, WindowBuffers, beside_compute, blocks, copy_into, shares_memory, window_fence
 
 
 def ring_schedule(comm, buf, scratch, tag: int, plan: Pieces = DEFAULT_PIECES) -> Schedule:
@@ -141,11 +157,78 @@ def ring_scratch_size(n: int, p: int, itemsize: int, plan: Pieces = DEFAULT_PIEC
     return plan.scratch(largest, itemsize)
 
 
-class RingCommunicator(Communicator):
-    """Bandwidth-optimal for large buffers; see the module docstring."""
+def ring_window_schedule(comm, window: NodeWindow, start: int, count: int, dtype, tag: int,
+                         polite: bool = False) -> Schedule:
+    """The ring over a shared window: elements [start, start + count) of every rank's segment, summed in place.
+
+    Reduce-scatter: in step s rank r adds chunk (r - s - 1) of its left
+    neighbour's segment into its own, as the point-to-point ring adds the
+    received piece (same operands, same order), after the left neighbour's
+    token for step s - 1; its own token for step s then tells the right
+    neighbour that this chunk is ready. Only the left neighbour ever reads a
+    rank's partial chunk, and after it has been read nobody writes it until
+    the fence. Allgather: after a fence every rank copies each finished chunk
+    from its owner (`ring_chunk`); forwarding them around the ring would only
+    copy every chunk p - 2 more times. A last fence keeps any rank from
+    writing its buffer while a peer still copies from it.
+    """
+    p, r = comm.Get_size(), comm.Get_rank()
+    views = window.views(start, count, dtype)
+    bounds = chunk_bounds(count, p)
+    left, right = (r - 1) % p, (r + 1) % p
+    mine, theirs = views[r], views[left]
+    polite = polite and beside_compute()
+    token = np.array([start, count], dtype=np.int64)
+    heard = np.zeros(2, dtype=np.int64)
+    yield from window_fence(comm, window, tag, start, count)  # everyone's inputs are written
+    sends = []
+    for s in range(p - 1):
+        if s:
+            yield [comm.Irecv(heard, left, tag)]
+            window.sync()
+        c = (r - s - 1) % p
+        for lo, hi in blocks(bounds[c], bounds[c + 1], mine.itemsize, polite):
+            np.add(mine[lo:hi], theirs[lo:hi], out=mine[lo:hi])
+        if s + 1 < p - 1:
+            window.sync()
+            sends.append(comm.Isend(token, right, tag))
+    if sends:
+        yield sends
+    yield from window_fence(comm, window, tag, start, count)  # every chunk is final at its owner
+    for owner in range(p):
+        if owner != r:
+            c = (owner + 1) % p
+            copy_into(views[owner], [mine], bounds[c], bounds[c + 1], polite)
+    yield from window_fence(comm, window, tag, start, count)
+
+
+class RingCommunicator(WindowBuffers, Communicator):
+    """Bandwidth-optimal for large buffers; see the module docstring.
+
+    `shared_window=True`: when all ranks share one node, `zeros` returns
+    shared-window memory and reductions of it run `ring_window_schedule`.
+    """
 
     name = "ring"
 
+    def __init__(self, mpi_comm=None, piece_kb: int | None = None, pipeline_depth: int | None = None,
+                 shared_window: bool = False):
+        super().__init__(mpi_comm, piece_kb=piece_kb, pipeline_depth=pipeline_depth)
+        self.window_note = "point-to-point"
+        if shared_window and self.size > 1:
+            if shares_memory(self._comm.raw):
+                self.use_windows(self._comm)
+                self.window_note = "on-node links through a shared window"
+            else:
+                self.window_note = "point-to-point (the ranks span nodes, so no shared window)"
+
     def _schedule(self, buf, tag: int, blocking: bool) -> Schedule:
+        found = self.window_of(buf) if is_host(buf) else None
+        if found is not None:
+            window, start = found
+            return ring_window_schedule(self._comm, window, start, buf.size, buf.dtype, tag, polite=not blocking)
         need = ring_scratch_size(buf.size, self.size, buf.itemsize, self.pieces, not is_host(buf))
         return ring_schedule(self._comm, buf, self.scratch(tag, buf, need), tag, self.pieces)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; {self.window_note}"

@@ -12,7 +12,8 @@ float64 and op="mean" only on the small sizes: those paths differ from the
 float32 sum in the dtype and the final division, not in the schedule, and
 oversubscribed ranks make every large case slow. The hierarchical allreduce
 runs on one real node and on fake nodes of 2 and 3 ranks (uneven nodes when
-p is odd). Rank 0 prints one JSON line: {"cases": N, "failures": [...]};
+p is odd), and it and the ring also run with their shared-window transport
+(`shared_window=True`; uneven nodes fall back to point-to-point). Rank 0 prints one JSON line: {"cases": N, "failures": [...]};
 exit status 1 on failure.
 """
 import argparse
@@ -47,41 +48,69 @@ def expected(world: int, n: int, dtype, round_: int, op: str) -> np.ndarray:
 
 
 def variants(p: int, ranks_per_node):
-    """(label, algorithm, options): every algorithm, the hierarchical one on several node layouts."""
+    """(label, algorithm, options): every algorithm, the hierarchical one on several node layouts, and
+    the ring and the hierarchical allreduce with their shared-window transport."""
     out = []
     for name in ALGORITHMS:
         out.append((name, name, {"ranks_per_node": ranks_per_node}))
         if name == "hierarchical" and ranks_per_node is None and p >= 4:
             out += [(f"hierarchical/rpn={k}", name, {"ranks_per_node": k}) for k in (2, 3)]
+        if name in ("ring", "hierarchical"):
+            out.append((f"{name}+window", name, {"ranks_per_node": ranks_per_node, "shared_window": True}))
+        if name == "hierarchical" and ranks_per_node is None and p >= 4:
+            out += [(f"hierarchical+window/rpn={k}", name, {"ranks_per_node": k, "shared_window": True})
+                    for k in (2, 3)]
     return out
 
 
-def shm_checks(comm, pool, rank: int, p: int) -> list[str]:
-    """Random floats against the NumPy reference (same order, so bit-equal), and a slice mismatch."""
-    from hpcdl.comm.shm import reference_sum
+def window_reference(label: str, comm, p: int):
+    """What a shared-window reduction of random floats must equal bit for bit, or None (ranks must agree).
 
+    shm, and the hierarchical allreduce on one node, sum in rank order (`reference_sum`); the ring over
+    the window adds in the point-to-point ring's order, so it must match that ring exactly.
+    """
+    from hpcdl.comm.window import reference_sum
+
+    if comm.name == "shm" or (comm.name == "hierarchical" and comm.num_nodes == 1):
+        return lambda mine: reference_sum(MPI.COMM_WORLD.allgather(mine))
+    if comm.name == "ring":
+        p2p = hpcdl.comm.create("ring")
+        return lambda mine: p2p.allreduce(mine.copy())
+    return None
+
+
+def window_checks(label: str, comm, pool, rank: int, p: int) -> list[str]:
+    """Random floats against the exact reference (or, where there is none, the float64 sum and agreement
+    of all ranks), the non-blocking path, and a slice mismatch that every rank must report."""
     failures = []
     n = 300007
     mine = np.random.default_rng(rank).standard_normal(n).astype(np.float32)
+    reference = window_reference(label, comm, p)
+    want = reference(mine) if reference else None
     buf = pool[3:3 + n]
     buf[...] = mine
     comm.allreduce(buf)
-    want = reference_sum(MPI.COMM_WORLD.allgather(mine))
-    if not np.array_equal(buf, want):
-        failures.append(f"shm random floats: rank {rank} differs from reference_sum at "
+    blocking = buf.copy()
+    if want is not None and not np.array_equal(buf, want):
+        failures.append(f"{label} random floats: rank {rank} differs from the exact reference at "
                         f"{int(np.flatnonzero(buf != want)[0])}")
+    total = np.sum(MPI.COMM_WORLD.allgather(mine.astype(np.float64)), axis=0)
+    if not np.allclose(buf, total, rtol=1e-5, atol=1e-5):
+        failures.append(f"{label} random floats: rank {rank} is not the sum")
+    if len(set(MPI.COMM_WORLD.allgather(hashlib.sha1(buf.tobytes()).hexdigest()))) != 1:
+        failures.append(f"{label} random floats: ranks differ bitwise")
     buf[...] = mine  # non-blocking: adds and copies in blocks, yielding the core between them
     comm.start(buf, tag=9).wait()
-    if not np.array_equal(buf, want):
-        failures.append(f"shm random floats, start(): rank {rank} differs from reference_sum")
+    if not np.array_equal(buf, blocking):
+        failures.append(f"{label} random floats, start(): rank {rank} differs from the blocking call")
     # Rank 0 passes another slice: every rank must raise (none may hang in a later barrier).
     wrong = pool[1:1 + 100] if rank == 0 else pool[0:100]
     try:
         comm.allreduce(wrong)
-        failures.append(f"shm slice mismatch: rank {rank} did not raise")
+        failures.append(f"{label} slice mismatch: rank {rank} did not raise")
     except RuntimeError as exc:
         if "different slices" not in str(exc):
-            failures.append(f"shm slice mismatch: rank {rank} raised {exc!r}")
+            failures.append(f"{label} slice mismatch: rank {rank} raised {exc!r}")
     return failures
 
 
@@ -100,6 +129,11 @@ def main() -> int:
     for label, name, options in variants(p, args.ranks_per_node):
         comm = hpcdl.comm.create(name, piece_kb=args.piece_kb, pipeline_depth=args.pipeline_depth, **options)
         assert comm.rank == rank and comm.size == p and comm.mpi_comm is world and comm.name == name
+        if options.get("shared_window") and p > 1:
+            # One machine: the ring always gets a window, the hierarchical allreduce on equal nodes of 2+.
+            should = comm.name == "ring" or (comm.balanced and comm.local_size > 1)
+            if comm.shared_memory != should:
+                failures.append(f"{label}: shared window {comm.shared_memory}, expected {should} ({comm.describe()})")
         if comm.shared_memory:
             pool32 = comm.zeros(2 * (max(sizes) + 8), np.float32)
             pool = {"float32": pool32, "float64": pool32.view(np.float64)}
@@ -157,7 +191,7 @@ def main() -> int:
 
         if comm.shared_memory:
             cases += 3
-            failures += shm_checks(comm, pool["float32"], rank, p)
+            failures += window_checks(label, comm, pool["float32"], rank, p)
 
         # Broadcast and object gather.
         cases += 1
