@@ -72,13 +72,18 @@ def test_every_algorithm_is_exact_and_identical_at_four_to_eight_ranks(ranks, ex
 def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     out, table = tmp_path / "bench.json", tmp_path / "crossovers.json"
     proc = mpiexec(2, sys.executable, "-m", "hpcdl.bench.allreduce", "--sizes", "4KiB,256KiB", "--repeats", "2",
-                   "--algorithms", "native,ring,rabenseifner", "--bucketed", "ring", "--json", str(out),
+                   "--algorithms", "native,ring,rabenseifner,ring+window", "--bucketed", "ring,ring+window",
+                   "--overlap", "ring,ring+window", "--json", str(out),
                    "--save-crossovers", str(table), "--backward-ms", "20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2
     rows = {(r["algorithm"], r["bytes"]): r for r in result["sweep"]}
-    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner", "memcpy") for n in (4096, 262144)}
+    assert set(rows) == {(a, n) for a in ("native", "ring", "rabenseifner", "ring+window", "memcpy")
+                         for n in (4096, 262144)}
+    # a window reduction puts nothing on the wire, so it is not counted; it never enters auto's rules
+    assert "traffic_vs_optimal" not in rows[("ring+window", 262144)]
+    assert all(rule["algorithm"] != "ring+window" for rule in result["crossover_rules"])
     # the counted wire bytes of hpcdl's own algorithms: 2(p-1)/p·n = n at p = 2
     assert rows[("ring", 262144)]["traffic_vs_optimal"] == pytest.approx(1.0, rel=0.01)
     assert rows[("memcpy", 262144)]["vs_memcpy"] == 1.0
@@ -88,13 +93,16 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     assert all(rows[("native", n)]["vs_native"] == 1.0 for n in (4096, 262144))
     resnet = result["resnet50"]
     assert resnet["tensors"] == 161 and resnet["parameters"] == 25_557_032
-    assert set(resnet["times"]) == {"per_tensor_native", "flat_native", "bucketed_ring"}
-    overlap = resnet["overlap"]
-    for kind in ("sleep", "compute"):
-        o = overlap[kind]
-        assert set(o) >= {"step_s", "backward_s", "allreduce_s", "hidden_fraction"}
-        assert 0.0 <= o["hidden_fraction"] <= 1.0 and o["backward_s"] > 0.015 and o["allreduce_s"] > 0
-        assert set(o["modes"]) == {"thread", "hooks", "hooks+2ms"}
+    assert set(resnet["times"]) == {"per_tensor_native", "flat_native", "bucketed_ring", "bucketed_ring+window"}
+    assert set(resnet["overlap_by_algorithm"]) == {"ring", "ring+window"}
+    assert resnet["overlap"] == resnet["overlap_by_algorithm"]["ring"]
+    for name, overlap in resnet["overlap_by_algorithm"].items():
+        assert overlap["algorithm"] == name
+        for kind in ("sleep", "compute"):
+            o = overlap[kind]
+            assert set(o) >= {"step_s", "backward_s", "allreduce_s", "hidden_fraction"}
+            assert 0.0 <= o["hidden_fraction"] <= 1.0 and o["backward_s"] > 0.015 and o["allreduce_s"] > 0
+            assert set(o["modes"]) == {"thread", "hooks", "hooks+2ms"}
     saved = auto.load_table(table)
     assert saved["by_ranks"]["2"] == result["crossover_rules"]
     chosen = hpcdl.comm.create("auto", crossovers=str(table))

@@ -232,13 +232,16 @@ def test_no_report_when_nobody_is_late(tmp_path):
 FAKE_HPCDL = """#!/usr/bin/env bash
 # Stands in for `hpcdl train`: logs its arguments and world size, exits with
 # the FAKE_EXIT_CODES entry of this attempt ("wait": run until SIGUSR1).
-echo "attempt=$HPCDL_RESTART_ATTEMPT size=${PMI_SIZE:-1} rank=${PMI_RANK:-0} args=$*" >> "$FAKE_LOG"
 read -r -a codes <<<"$FAKE_EXIT_CODES"
 i=$((HPCDL_RESTART_ATTEMPT - 1))
 (( i < ${#codes[@]} )) || i=$((${#codes[@]} - 1))
 if [[ ${codes[$i]} == wait ]]; then
+    # The handler is in place before the attempt is logged: the tests signal once they see the line.
     sleep 60 & sleeper=$!
     trap 'kill $sleeper 2>/dev/null; echo "rank=${PMI_RANK:-0} got USR1" >> "$FAKE_LOG"; exit 1' USR1
+fi
+echo "attempt=$HPCDL_RESTART_ATTEMPT size=${PMI_SIZE:-1} rank=${PMI_RANK:-0} args=$*" >> "$FAKE_LOG"
+if [[ ${codes[$i]} == wait ]]; then
     wait $sleeper
     exit 0
 fi

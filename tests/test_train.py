@@ -44,13 +44,15 @@ def test_two_ranks_follow_one_rank(tmp_path, model_args):
 
 def test_shared_window_gradients_train_like_the_point_to_point_ring(tmp_path):
     """The gradient arena moves into the node's shared window for shm, and for the ring with
-    comm.shared_window (the default). The ring over the window adds in the point-to-point ring's
-    order, so at 3 ranks the runs must match bit for bit; at p = 2 each of shm's sums is one addition
-    too, so shm must match the ring there."""
+    comm.shared_window (the default, also for auto's ring). The ring over the window adds in the point-to-point ring's
+    order, so at 3 ranks the runs must match bit for bit; at p = 2 each of shm's (and MPI_Allreduce's)
+    sums is one addition too, so shm and auto (window ring for large buckets, MPI for small) must match
+    the ring there."""
     p2p = "comm.shared_window=false"
     runs = {
         "ring2": launch([*TINY, "--out", str(tmp_path / "r2"), "--set", "comm.algorithm='ring'", "--set", p2p], ranks=2),
         "shm2": launch([*TINY, "--out", str(tmp_path / "s2"), "--set", "comm.algorithm='shm'"], ranks=2),
+        "auto2": launch([*TINY, "--out", str(tmp_path / "a2")], ranks=2),
         "ring3": launch([*TINY, "--out", str(tmp_path / "r3"), "--set", "comm.algorithm='ring'", "--set", p2p, "--set", "train.global_batch=48"], ranks=3),
         "window3": launch([*TINY, "--out", str(tmp_path / "w3"), "--set", "comm.algorithm='ring'", "--set", "train.global_batch=48"], ranks=3),
     }
@@ -58,7 +60,8 @@ def test_shared_window_gradients_train_like_the_point_to_point_ring(tmp_path):
         assert run.returncode == 0, f"{name}: {run.stderr[-3000:]}"
         assert run.summary["steps"] == 20
     assert "through a shared window" in runs["window3"].stderr and "point-to-point" in runs["ring3"].stderr
-    for a, b in (("shm2", "ring2"), ("window3", "ring3")):
+    assert "ring reduces buffers in its shared window" in runs["auto2"].stderr
+    for a, b in (("shm2", "ring2"), ("auto2", "ring2"), ("window3", "ring3")):
         assert runs[a].summary["param_norm"] == runs[b].summary["param_norm"], (a, b)
         assert runs[a].summary["final_loss"] == runs[b].summary["final_loss"], (a, b)
 

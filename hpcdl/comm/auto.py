@@ -32,6 +32,8 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
 from hpcdl.comm.base import Communicator
 from hpcdl.errors import ConfigError
 
@@ -235,9 +237,23 @@ class AutoCommunicator(Communicator):
                       else "perfmodel.DEFAULT_COSTS (fitted on the 2-core development host)")
             self.why = f"alpha-beta-gamma model: {reason}; {source}"
         names = sorted({rule["algorithm"] for rule in self.rules})
-        # Not shared_window: auto's own buffers are plain, so its ring would only hold an idle window.
-        options.pop("shared_window", None)
-        self.algorithms = {name: create(name, self.mpi_comm, **options) for name in names}
+        # A buffer lives in one window, so one algorithm gets the shared window: the one for the largest
+        # messages (the gradient buckets), when it has a window transport. Smaller reductions by the
+        # others of a window buffer are ordinary messages from that memory.
+        windowed = options.pop("shared_window", None)
+        largest = self.rules[-1]["algorithm"]
+        self.algorithms = {name: create(name, self.mpi_comm, **options,
+                                        **({"shared_window": windowed} if name == largest and windowed else {}))
+                           for name in names}
+        self.window_owner = self.algorithms[largest] if self.algorithms[largest].shared_memory else None
+
+    @property
+    def shared_memory(self) -> bool:
+        return self.window_owner is not None
+
+    def zeros(self, n: int, dtype=np.float32):
+        """A zeroed buffer in the shared window of the algorithm for the largest messages, if it has one."""
+        return self.window_owner.zeros(n, dtype) if self.window_owner is not None else np.zeros(n, dtype=dtype)
 
     def choose(self, nbytes: int) -> str:
         for rule in self.rules:
@@ -249,7 +265,8 @@ class AutoCommunicator(Communicator):
         return self.algorithms[self.choose(buf.nbytes)]._start_checked(buf, op, tag, blocking)
 
     def describe(self) -> str:
-        lines = [f"auto: {self.size} ranks, {self.mode}: {self.why} [{self.table_path}]"]
+        where = f"; {self.window_owner.name} reduces buffers in its shared window" if self.window_owner else ""
+        lines = [f"auto: {self.size} ranks, {self.mode}: {self.why} [{self.table_path}]{where}"]
         low = 0
         for rule in self.rules:
             high = rule["up_to_bytes"]

@@ -165,9 +165,9 @@ def ring_window_schedule(comm, window: NodeWindow, start: int, count: int, dtype
     neighbour's segment into its own, as the point-to-point ring adds the
     received piece (same operands, same order), after the left neighbour's
     token for step s - 1; its own token for step s then tells the right
-    neighbour that this chunk is ready. Only the left neighbour ever reads a
-    rank's partial chunk, and after it has been read nobody writes it until
-    the fence. Allgather: after a fence every rank copies each finished chunk
+    neighbour that this chunk is ready. Only the right neighbour ever reads a
+    rank's partial chunk, and every chunk is added into once per rank, so
+    nothing a neighbour reads changes under it before the fence. Allgather: after a fence every rank copies each finished chunk
     from its owner (`ring_chunk`); forwarding them around the ring would only
     copy every chunk p - 2 more times. A last fence keeps any rank from
     writing its buffer while a peer still copies from it.

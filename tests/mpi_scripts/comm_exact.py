@@ -49,13 +49,13 @@ def expected(world: int, n: int, dtype, round_: int, op: str) -> np.ndarray:
 
 def variants(p: int, ranks_per_node):
     """(label, algorithm, options): every algorithm, the hierarchical one on several node layouts, and
-    the ring and the hierarchical allreduce with their shared-window transport."""
+    the ring, the hierarchical allreduce and auto with their shared-window transport."""
     out = []
     for name in ALGORITHMS:
         out.append((name, name, {"ranks_per_node": ranks_per_node}))
         if name == "hierarchical" and ranks_per_node is None and p >= 4:
             out += [(f"hierarchical/rpn={k}", name, {"ranks_per_node": k}) for k in (2, 3)]
-        if name in ("ring", "hierarchical"):
+        if name in ("ring", "hierarchical", "auto"):
             out.append((f"{name}+window", name, {"ranks_per_node": ranks_per_node, "shared_window": True}))
         if name == "hierarchical" and ranks_per_node is None and p >= 4:
             out += [(f"hierarchical+window/rpn={k}", name, {"ranks_per_node": k, "shared_window": True})
@@ -73,7 +73,8 @@ def window_reference(label: str, comm, p: int):
 
     if comm.name == "shm" or (comm.name == "hierarchical" and comm.num_nodes == 1):
         return lambda mine: reference_sum(MPI.COMM_WORLD.allgather(mine))
-    if comm.name == "ring":
+    if comm.name == "ring" or (comm.name == "auto" and comm.window_owner.name == "ring"
+                               and comm.choose(300007 * 4) == "ring"):
         p2p = hpcdl.comm.create("ring")
         return lambda mine: p2p.allreduce(mine.copy())
     return None
@@ -104,7 +105,10 @@ def window_checks(label: str, comm, pool, rank: int, p: int) -> list[str]:
     if not np.array_equal(buf, blocking):
         failures.append(f"{label} random floats, start(): rank {rank} differs from the blocking call")
     # Rank 0 passes another slice: every rank must raise (none may hang in a later barrier).
-    wrong = pool[1:1 + 100] if rank == 0 else pool[0:100]
+    # Large enough that auto hands it to the algorithm that owns the window.
+    if comm.name == "auto" and comm.choose(n * 4) != comm.window_owner.name:
+        return failures
+    wrong = pool[1:1 + n] if rank == 0 else pool[0:n]
     try:
         comm.allreduce(wrong)
         failures.append(f"{label} slice mismatch: rank {rank} did not raise")
@@ -129,7 +133,7 @@ def main() -> int:
     for label, name, options in variants(p, args.ranks_per_node):
         comm = hpcdl.comm.create(name, piece_kb=args.piece_kb, pipeline_depth=args.pipeline_depth, **options)
         assert comm.rank == rank and comm.size == p and comm.mpi_comm is world and comm.name == name
-        if options.get("shared_window") and p > 1:
+        if options.get("shared_window") and p > 1 and name != "auto":
             # One machine: the ring always gets a window, the hierarchical allreduce on equal nodes of 2+.
             should = comm.name == "ring" or (comm.balanced and comm.local_size > 1)
             if comm.shared_memory != should:
