@@ -115,6 +115,41 @@ def test_benchmark_runs_and_its_crossovers_drive_auto(tmp_path):
     assert proc.returncode == 0 and proc.stdout.split() == ["measured", "2"], proc.stdout + proc.stderr
 
 
+AUTO_WITH_SHM = """
+import json
+import numpy as np
+import hpcdl.comm as c
+from hpcdl.comm import auto
+table = {"format": auto.FORMAT, "source": "test", "machine": auto.machine_fingerprint(),
+         "by_ranks": {"2": [{"up_to_bytes": 4096, "algorithm": "native"}, {"up_to_bytes": None, "algorithm": "shm"}]}}
+out = {}
+for windowed in (True, False):
+    a = c.create("auto", crossovers=table, shared_window=windowed)
+    buf = a.zeros(300007)
+    buf[:] = a.rank + 1
+    a.allreduce(buf)
+    out[str(windowed)] = [a.mode, sorted(a.algorithms), a.shared_memory, bool(np.all(buf == 3)),
+                          a.describe().splitlines()[0]]
+if a.rank == 0:
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.mpi
+def test_auto_runs_measured_shm_rules_in_its_window_or_as_the_ring():
+    """A table measured with shm names it; auto then allocates in shm's window, and where no window
+    may be used (comm.shared_window off, fault tolerance, GPU) the ring takes shm's sizes, and says so."""
+    proc = mpiexec(2, sys.executable, "-c", AUTO_WITH_SHM)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = last_json_line(proc.stdout)
+    mode, names, shared, summed, line = report["True"]
+    assert (mode, names, shared, summed) == ("measured", ["native", "shm"], True, True)
+    assert "shm reduces buffers in its shared window" in line
+    mode, names, shared, summed, line = report["False"]
+    assert (mode, names, shared, summed) == ("measured", ["native", "ring"], False, True)
+    assert "its shm rules run as ring (comm.shared_window is off" in line
+
+
 # -- one rank, in process ----------------------------------------------------------------------
 
 def test_unknown_algorithm_names_the_key_and_suggests():

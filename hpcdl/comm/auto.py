@@ -19,6 +19,13 @@ merge into one file. Without a file, `DEFAULT_TABLE` (measured on the
 2-core development host, see its `source`) is used: rerun the benchmark on
 the target machine, because crossovers depend on the network and on p.
 
+Shared windows: with `shared_window=True` (the trainer's `comm.shared_window`)
+one algorithm holds the window that `zeros` allocates in: `shm` when the
+rules name it (the bench times shm on a buffer in its window), otherwise the
+algorithm of the last rule if it has a window transport (ring, hierarchical).
+Where shm is named but no window may be used, or the ranks span nodes, the
+ring takes its sizes, and `describe()` says so.
+
 Format::
 
     {"format": "hpcdl-crossovers/1", "source": "...",
@@ -35,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcdl.comm.base import Communicator
+from hpcdl.comm.window import shares_memory
 from hpcdl.errors import ConfigError
 
 FORMAT = "hpcdl-crossovers/1"
@@ -236,16 +244,25 @@ class AutoCommunicator(Communicator):
             source = (f"costs fitted {self.table.get('costs_from', '')}" if costs
                       else "perfmodel.DEFAULT_COSTS (fitted on the 2-core development host)")
             self.why = f"alpha-beta-gamma model: {reason}; {source}"
+        windowed = bool(options.pop("shared_window", None))
+        if any(rule["algorithm"] == "shm" for rule in self.rules):
+            # A measured table may name shm (the bench times it on a buffer in its window). Where it cannot
+            # run, the ring takes its sizes (collective: every rank holds the same rules).
+            reason = ("comm.shared_window is off or not allowed here (fault tolerance, GPU)" if not windowed
+                      else "the ranks span nodes" if self.size > 1 and not shares_memory(self._comm.raw) else None)
+            if reason:
+                self.rules = [{**rule, "algorithm": "ring"} if rule["algorithm"] == "shm" else rule
+                              for rule in self.rules]
+                self.why += f"; its shm rules run as ring ({reason})"
         names = sorted({rule["algorithm"] for rule in self.rules})
-        # A buffer lives in one window, so one algorithm gets the shared window: the one for the largest
-        # messages (the gradient buckets), when it has a window transport. Smaller reductions by the
-        # others of a window buffer are ordinary messages from that memory.
-        windowed = options.pop("shared_window", None)
-        largest = self.rules[-1]["algorithm"]
+        # A buffer lives in one window, so one algorithm gets the shared window: shm where the rules name
+        # it (it was measured that way), otherwise the one for the largest messages (the gradient buckets)
+        # when it has a window transport. The others reduce a window buffer as ordinary memory.
+        owner = "shm" if "shm" in names else self.rules[-1]["algorithm"]
         self.algorithms = {name: create(name, self.mpi_comm, **options,
-                                        **({"shared_window": windowed} if name == largest and windowed else {}))
+                                        **({"shared_window": windowed} if name == owner and windowed else {}))
                            for name in names}
-        self.window_owner = self.algorithms[largest] if self.algorithms[largest].shared_memory else None
+        self.window_owner = self.algorithms[owner] if self.algorithms[owner].shared_memory else None
 
     @property
     def shared_memory(self) -> bool:
