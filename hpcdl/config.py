@@ -116,7 +116,7 @@ class CommConfig:
     progress_interval_us: float = _key(50.0, "thread: sleep between polls that find nothing finished (bounds its CPU share)", min=0.0)
     piece_kb: int = _key(0, "reduce piece size in KiB; 0 = a quarter of the L2 cache (smallest over ranks)", min=0)
     pipeline_depth: int = _key(2, "reduce pieces in flight per step; 1 = not pipelined", min=1)
-    shared_window: bool = _key(True, "ring, hierarchical: put the gradients in an MPI-3 shared window so on-node "
+    shared_window: bool = _key(True, "ring, hierarchical, auto: put the gradients in an MPI-3 shared window so on-node "
                                      "ranks add each other's gradients in place instead of messaging them; used "
                                      "only with fault_tolerance = 'abort' and on the CPU (a window belongs to one "
                                      "MPI world and to host memory)")

@@ -46,7 +46,7 @@ def create(name: str, mpi_comm=None, **options):
     Collective: duplicates `mpi_comm`, so every rank must call it in the same order.
     Options: `ranks_per_node=k` (hierarchical, auto) fakes nodes of k ranks;
     `crossovers=path|dict` (auto) replaces the default crossover table;
-    `shared_window=True` (ring, hierarchical) reduces buffers from `zeros` through an MPI-3 shared window.
+    `shared_window=True` (ring, hierarchical, auto) reduces buffers from `zeros` through an MPI-3 shared window.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:

@@ -269,7 +269,7 @@ class AutoCommunicator(Communicator):
         return self.window_owner is not None
 
     def zeros(self, n: int, dtype=np.float32):
-        """A zeroed buffer in the shared window of the algorithm for the largest messages, if it has one."""
+        """A zeroed buffer in the shared window of `window_owner`, when there is one (collective)."""
         return self.window_owner.zeros(n, dtype) if self.window_owner is not None else np.zeros(n, dtype=dtype)
 
     def choose(self, nbytes: int) -> str:
