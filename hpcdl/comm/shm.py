@@ -33,8 +33,6 @@ regrow refuses this algorithm (the trainer checks).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from hpcdl.comm.base import Communicator, CountingComm, Schedule, chunk_bounds, is_host, mpi
 from hpcdl.comm.ring import ring_schedule, ring_scratch_size
 from hpcdl.comm.window import NodeWindow, WindowBuffers, beside_compute, reference_sum, sum_into, window_fence
