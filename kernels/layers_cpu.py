@@ -718,11 +718,17 @@ def winograd_output(m, y, first: int = 0) -> None:
     _wino_output(m, y, first, th, tw)
 
 
+def _output_geometry(images, transformed) -> tuple[int, int, int, int, int, int]:
+    """(O, Ho, Wo, tile rows, tile columns, images in this chunk) of y or dy (O, N, Ho, Wo) and its
+    transformed tiles m or dm (16, O, T); the NumPy twins of the output transform and its adjoint share it."""
+    o, _, out_h, out_w = images.shape
+    th, tw = winograd_tiles(out_h, out_w)
+    return o, out_h, out_w, th, tw, transformed.shape[2] // (th * tw)
+
+
 def winograd_output_numpy(m, y, first: int = 0) -> None:
     xp = _array_module(m)
-    o, _, out_h, out_w = y.shape
-    th, tw = winograd_tiles(out_h, out_w)
-    count = m.shape[2] // (th * tw)
+    o, out_h, out_w, th, tw, count = _output_geometry(y, m)
     at = xp.asarray(WINO_AT, dtype=m.dtype)
     tiles = xp.einsum("ia,abonyx,jb->ijonyx", at, m.reshape(4, 4, o, count, th, tw), at)  # (2, 2, O, n, th, tw)
     full = tiles.transpose(2, 3, 4, 0, 5, 1).reshape(o, count, 2 * th, 2 * tw)
@@ -774,9 +780,7 @@ def winograd_output_adjoint(dy, dm, first: int = 0) -> None:
 
 def winograd_output_adjoint_numpy(dy, dm, first: int = 0) -> None:
     xp = _array_module(dy)
-    o, _, out_h, out_w = dy.shape
-    th, tw = winograd_tiles(out_h, out_w)
-    count = dm.shape[2] // (th * tw)
+    o, out_h, out_w, th, tw, count = _output_geometry(dy, dm)
     full = xp.zeros((o, count, 2 * th, 2 * tw), dtype=dy.dtype)
     full[:, :, :out_h, :out_w] = dy[:, first:first + count]
     tiles = full.reshape(o, count, th, 2, tw, 2).transpose(3, 5, 0, 1, 2, 4)  # (2, 2, O, n, th, tw)
